@@ -1,0 +1,1 @@
+"""Infinity: bitwise visual-autoregressive text-to-image model (inference path)."""

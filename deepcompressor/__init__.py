@@ -1,0 +1,1 @@
+"""VAR-Compressor: post-training quantization for Infinity."""

@@ -1,0 +1,312 @@
+"""The one configuration schema of the tool.
+
+Every app (ptq_infinity, calibrate_cache_quantization, activations_measurements, infinity.generate, ...)
+parses the same tree, so one YAML chain drives them all. Sections follow DeepCompressor's names where users
+know them: ``pipeline``, ``collect``, ``quant.{wgts,ipts,smooth,low_rank,calib_range,gptq}``, ``kv``,
+``eval``, ``output``.
+
+Conventions for fields:
+- integer formats are strings: ``sint4``, ``uint4``, ``sint8``, ``uint8``; ``None`` keeps 16-bit;
+- ``group_size`` is along the input (reduction) dimension: ``-1`` = one group per row (per output channel for
+  weights, per token for activations), ``0`` = one group for the whole tensor, ``k > 0`` = groups of k;
+- paths accept ``~`` and ``${ENV_VAR}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "PipelineConfig",
+    "CollectConfig",
+    "QuantizerConfig",
+    "WeightQuantConfig",
+    "ActivationQuantConfig",
+    "SmoothConfig",
+    "LowRankConfig",
+    "RangeCalibConfig",
+    "GPTQConfig",
+    "QuantConfig",
+    "KVCacheConfig",
+    "EvalConfig",
+    "OutputConfig",
+    "RunConfig",
+    "INT_DTYPES",
+    "PATH_KEYS",
+]
+
+INT_DTYPES = ("sint4", "uint4", "sint8", "uint8")
+
+
+@dataclass
+class PipelineConfig:
+    """The model: architecture, where its files are, how it runs, and its sampling defaults.
+
+    Args:
+        name: Display name, used in output paths and manifests.
+        arch: Architecture preset: ``2b``, ``8b`` or ``tiny`` (the embedded default).
+        transformer_path: The 2B single ``.pth`` file or the 8B sharded folder.
+        vae_path: The BSQ-VAE ``.pth`` file.
+        text_encoder_path: A local flan-t5-xl folder (``local_files_only``).
+        random_init: Build the architecture with seeded random weights and read no files.
+        seed: Seed of the random weights when ``random_init`` (and of the tiny default).
+        device: ``auto`` (cuda if available), ``cpu`` or ``cuda[:i]``.
+        dtype: Dtype of the transformer blocks: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16``,
+            ``float32``.
+        pn: Resolution preset: ``0.06M``, ``0.25M``, ``0.60M``, ``1M`` (1024x1024 for 1:1).
+        h_div_w: Aspect ratio (height / width); the nearest template is used.
+        cfg: Classifier-free-guidance scale on logits.
+        tau: Sampling temperature.
+        top_k: Top-k on each bit's two logits (values >= 2 are a no-op).
+        top_p: Top-p on each bit's two probabilities (0 disables).
+    """
+
+    name: str = "infinity-tiny"
+    arch: str = "tiny"
+    transformer_path: str | None = None
+    vae_path: str | None = None
+    text_encoder_path: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    pn: str = "1M"
+    h_div_w: float = 1.0
+    cfg: float = 3.0
+    tau: float = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+
+
+@dataclass
+class CollectConfig:
+    """Step-aware calibration data: generate with the full-precision model and capture every block's inputs.
+
+    Args:
+        prompts: A built-in prompt set name (``qdiff``) or a YAML file of ``id: caption`` entries.
+        num_prompts: How many prompts (the first N, in file order) are used for calibration.
+        num_scales: How many scales of the schedule are captured per prompt (``0`` = all of them).
+        seed: Sampling seed of the calibration generations.
+        cache_dir: Where captured activations are stored and reused across runs.
+    """
+
+    prompts: str = "qdiff"
+    num_prompts: int = 12
+    num_scales: int = 0
+    seed: int = 0
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class QuantizerConfig:
+    """An integer format applied group-wise along the input dimension.
+
+    Args:
+        dtype: ``sint4``, ``uint4``, ``sint8``, ``uint8``, or ``None`` to keep 16-bit.
+        group_size: ``-1`` one group per row, ``0`` per tensor, ``k > 0`` groups of k input channels.
+        symmetric: Symmetric (no zero point) or asymmetric (with zero point).
+        scale_dtype: Dtype the scales are stored in (``float16``, ``bfloat16``, ``float32``).
+    """
+
+    dtype: str | None = None
+    group_size: int = -1
+    symmetric: bool = True
+    scale_dtype: str = "float16"
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+
+@dataclass
+class WeightQuantConfig(QuantizerConfig):
+    """Static weight quantization.
+
+    Args:
+        skips: Layer kinds whose weights stay 16-bit (see ``deepcompressor.nn.layer_map`` for the kinds).
+    """
+
+    skips: list[str] = field(default_factory=lambda: ["embed", "adaln", "text_proj", "head"])
+
+
+@dataclass
+class ActivationQuantConfig(QuantizerConfig):
+    """Input-activation quantization of the quantized linears.
+
+    Args:
+        static: Calibrated static ranges instead of dynamic per-group ranges computed at run time.
+        skips: Layer kinds whose inputs stay 16-bit while their weights may be quantized (the cross-attention
+            key/value projection reads the static text encoding).
+    """
+
+    static: bool = False
+    skips: list[str] = field(default_factory=lambda: ["ca_kv"])
+
+
+@dataclass
+class SmoothConfig:
+    """SmoothQuant: s = max|X|^alpha / max|W|^beta per input channel, searched on a grid.
+
+    Args:
+        enabled: Search and apply smoothing scales.
+        num_grids: Grid points for alpha in [0, 1].
+        search_beta: Search beta on the same grid as well; otherwise beta = 1 - alpha.
+        fold: Fold scales into the preceding norm / linear where the graph allows.
+    """
+
+    enabled: bool = False
+    num_grids: int = 20
+    search_beta: bool = False
+    fold: bool = True
+
+
+@dataclass
+class LowRankConfig:
+    """SVDQuant low-rank branch: W = L1 L2 + Q(W - L1 L2), kept in 16-bit.
+
+    Args:
+        enabled: Add the branch.
+        rank: Rank r of the branch.
+        num_iters: Maximum refinement iterations (SVD of W - Q(.), re-quantize, keep the best).
+        early_stop: Stop refining when the output error stops improving.
+        svd: ``auto``, ``full`` or ``randomized``.
+    """
+
+    enabled: bool = False
+    rank: int = 32
+    num_iters: int = 10
+    early_stop: bool = True
+    svd: str = "auto"
+
+
+@dataclass
+class RangeCalibConfig:
+    """Search of a clipping ratio of the weight range on a grid.
+
+    Args:
+        enabled: Search the clipping ratio; otherwise use the full range.
+        objective: ``weight`` (weight reconstruction error) or ``output`` (output error on calibration inputs).
+        granularity: ``layer`` (one ratio per layer) or ``group`` (one ratio per quantization group).
+        num_grids: Grid points between ``1 - max_shrink`` and 1.
+        max_shrink: Largest fraction of the range that may be clipped.
+    """
+
+    enabled: bool = True
+    objective: str = "output"
+    granularity: str = "group"
+    num_grids: int = 20
+    max_shrink: float = 0.2
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ for the weights.
+
+    Args:
+        enabled: Use GPTQ instead of round-to-nearest.
+        damp: Dampening added to the Hessian diagonal, as a fraction of its mean.
+        block_size: Columns processed per lazy-update block.
+        act_order: Process columns in decreasing Hessian-diagonal order.
+    """
+
+    enabled: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """Quantization of the transformer's linear layers.
+
+    Args:
+        num_samples: Calibration samples (prompt x scale) used per block (``0`` = all captured).
+        max_tokens: Token budget per layer for the searches (rows are subsampled deterministically above it).
+    """
+
+    wgts: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    ipts: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
+    smooth: SmoothConfig = field(default_factory=SmoothConfig)
+    low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    calib_range: RangeCalibConfig = field(default_factory=RangeCalibConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    num_samples: int = 0
+    max_tokens: int = 8192
+
+
+@dataclass
+class KVCacheConfig:
+    """Static asymmetric per-channel KV-cache quantization.
+
+    Args:
+        enabled: Run inference with the quantized cache (needs ``calib_path``).
+        dtype: ``uint8`` (INT8) or ``uint4`` (INT4, packed two per byte).
+        calib_path: The calibration file written by ``calibrate_cache_quantization``.
+        artifact_dir: Calibrate through the W4A4 model of this PTQ artifact directory (empty: full precision).
+        num_grids: Points of the logarithmic percentile grid (0.99, 0.999, ..., 1 - 1e-6).
+        golden_iters: Golden-section refinement iterations per channel.
+    """
+
+    enabled: bool = False
+    dtype: str = "uint8"
+    calib_path: str = "runs/kv_scales/kv_quant_calib.pt"
+    artifact_dir: str = ""
+    num_grids: int = 5
+    golden_iters: int = 20
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of a quantized model.
+
+    Args:
+        prompt_offset: Evaluation prompts start at this index of the prompt set (disjoint from calibration).
+        num_prompts: Number of held-out prompts.
+        seed: Sampling seed.
+        num_tokens: Token budget of the activation/KV diagnostics.
+    """
+
+    prompt_offset: int = 512
+    num_prompts: int = 4
+    seed: int = 1234
+    num_tokens: int = 12288
+
+
+@dataclass
+class OutputConfig:
+    """Where results go.
+
+    Args:
+        root: Root folder of all runs.
+        dirname: Run folder name under ``root`` (empty: derived from the model name and the config files).
+        resume: Continue an interrupted run with the same config from its last finished block.
+    """
+
+    root: str = "runs"
+    dirname: str = ""
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole resolved configuration of one run."""
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    kv: KVCacheConfig = field(default_factory=KVCacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# Dotted keys whose values are filesystem paths: ``~`` and ``${ENV_VAR}`` are expanded in them.
+PATH_KEYS = (
+    "pipeline.transformer_path",
+    "pipeline.vae_path",
+    "pipeline.text_encoder_path",
+    "collect.prompts",
+    "collect.cache_dir",
+    "kv.calib_path",
+    "kv.artifact_dir",
+    "output.root",
+)
