@@ -1,0 +1,108 @@
+"""Self-attention KV cache of the multi-scale sampler.
+
+Each block keeps the (cos-normalised, rotated) keys and the values of every earlier scale; the queries of the
+current scale attend to all of them plus the current scale's own tokens, without a mask. The plain cache keeps
+them in the blocks' dtype in a buffer preallocated for the whole generation (``reserve``) and written in place,
+so no per-scale concatenation of the growing prefix happens. The last scale is never stored (``store=False``):
+nothing reads it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KVCache", "LayerKVCache", "default_kv_cache_factory"]
+
+
+class LayerKVCache:
+    """KV cache of one block.
+
+    Args:
+        capacity: Tokens to preallocate on the first store (0: exactly what the first store needs; the buffer
+            grows if a later store does not fit).
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self._k: torch.Tensor | None = None  # [B, H, capacity, c]
+        self._v: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the cached ``(K, V)`` ``[B, H, length, c]``, or None when empty."""
+        if self._k is None or self.length == 0:
+            return None
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def set_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace the content with ``k``/``v`` ``[B, H, L, c]`` (replay of a captured prefix)."""
+        self.reset()
+        self._append(k, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, store: bool) -> torch.Tensor:
+        if store:
+            self._append(k, v)
+            keys, values = self.prefix
+        elif self.length:
+            prefix_k, prefix_v = self.prefix
+            keys = torch.cat((prefix_k, k.to(prefix_k.dtype)), dim=2)
+            values = torch.cat((prefix_v, v.to(prefix_v.dtype)), dim=2)
+        else:
+            keys, values = k, v
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), scale=1.0)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.length = 0
+
+    def nbytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        batch, heads, new, dim = k.shape
+        end = self.length + new
+        if self._k is not None and (self._k.shape[0] != batch or self._k.shape[1] != heads or self._k.shape[3] != dim):
+            raise ValueError(f"KV cache holds {tuple(self._k.shape)}, cannot append keys of shape {tuple(k.shape)}")
+        if self._k is None or end > self._k.shape[2]:
+            size = max(end, self.capacity) if self._k is None else max(end, 2 * self._k.shape[2])
+            grown_k = k.new_empty(batch, heads, size, dim)
+            grown_v = v.new_empty(batch, heads, size, dim)
+            if self.length:
+                grown_k[:, :, : self.length] = self._k[:, :, : self.length]
+                grown_v[:, :, : self.length] = self._v[:, :, : self.length]
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length : end] = k
+        self._v[:, :, self.length : end] = v
+        self.length = end
+
+
+class KVCache:
+    """The caches of all blocks (``layers[i]`` belongs to block i)."""
+
+    def __init__(self, layers: list[LayerKVCache]) -> None:
+        self.layers = layers
+
+    def reserve(self, num_tokens: int) -> None:
+        """Preallocate room for ``num_tokens`` cached tokens per block on the first store."""
+        for layer in self.layers:
+            layer.capacity = num_tokens
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def default_kv_cache_factory(model) -> KVCache:
+    return KVCache([LayerKVCache() for _ in range(len(model.blocks()))])
+
+
+KVCacheFactory = Callable[..., KVCache]
