@@ -10,32 +10,81 @@ Conventions for fields:
 - ``group_size`` is along the input (reduction) dimension: ``-1`` = one group per row (per output channel for
   weights, per token for activations), ``0`` = one group for the whole tensor, ``k > 0`` = groups of k;
 - paths accept ``~`` and ``${ENV_VAR}``.
+
+Validation lives here too: a field with a fixed set of values declares it with :func:`one_of` or
+``metadata={"choices": ...}`` (the loader checks it and suggests the closest choice), and every section has a ``check()`` method that yields
+``(dotted key relative to the section, message)`` for range and cross-field rules. The loader
+(``deepcompressor.config.loader``) walks the tree, prefixes the keys and names the file that set each one.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
-    "PipelineConfig",
-    "CollectConfig",
-    "QuantizerConfig",
-    "WeightQuantConfig",
-    "ActivationQuantConfig",
-    "SmoothConfig",
-    "LowRankConfig",
-    "RangeCalibConfig",
-    "GPTQConfig",
-    "QuantConfig",
-    "KVCacheConfig",
-    "EvalConfig",
-    "OutputConfig",
-    "RunConfig",
+    "ARCHS",
     "INT_DTYPES",
+    "KV_DTYPES",
+    "LAYER_KINDS",
     "PATH_KEYS",
+    "RESOLUTION_PRESETS",
+    "ActivationQuantConfig",
+    "CollectConfig",
+    "EvalConfig",
+    "GPTQConfig",
+    "KVCacheConfig",
+    "LowRankConfig",
+    "OutputConfig",
+    "PipelineConfig",
+    "QuantConfig",
+    "QuantizerConfig",
+    "RangeCalibConfig",
+    "RunConfig",
+    "SmoothConfig",
+    "WeightQuantConfig",
+    "one_of",
 ]
 
 INT_DTYPES = ("sint4", "uint4", "sint8", "uint8")
+KV_DTYPES = ("uint8", "uint4")
+ARCHS = ("2b", "8b", "tiny")
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+RESOLUTION_PRESETS = ("0.06M", "0.25M", "0.60M", "1M")
+# Kinds of the transformer's linear layers (names in INTERFACES.md); ``deepcompressor.nn.layer_map`` maps module
+# names to them and the skip lists below are checked against this tuple.
+LAYER_KINDS = (
+    "sa_qkv",
+    "sa_out",
+    "ca_q",
+    "ca_kv",
+    "ca_out",
+    "ffn_up",
+    "ffn_down",
+    "embed",
+    "adaln",
+    "text_proj",
+    "head",
+)
+
+Issues = Iterator[tuple[str, str]]
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def one_of(default: str | None, choices: tuple[str, ...]) -> Any:
+    """A dataclass field whose value must be one of ``choices`` (``None`` too if the type is optional).
+
+    List fields use ``field(default_factory=..., metadata={"choices": ...})``: every element is checked.
+    """
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _is_missing(path: str | None) -> bool:
+    return path is None or path == ""
 
 
 @dataclass
@@ -62,20 +111,44 @@ class PipelineConfig:
     """
 
     name: str = "infinity-tiny"
-    arch: str = "tiny"
+    arch: str = one_of("tiny", ARCHS)
     transformer_path: str | None = None
     vae_path: str | None = None
     text_encoder_path: str | None = None
     random_init: bool = False
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"
-    pn: str = "1M"
+    dtype: str = one_of("auto", MODEL_DTYPES)
+    pn: str = one_of("1M", RESOLUTION_PRESETS)
     h_div_w: float = 1.0
     cfg: float = 3.0
     tau: float = 0.5
     top_k: int = 900
     top_p: float = 0.97
+
+    def check(self) -> Issues:
+        if not self.name:
+            yield "name", "must not be empty"
+        if not _DEVICE_PATTERN.fullmatch(self.device):
+            yield "device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}"
+        if self.h_div_w <= 0:
+            yield "h_div_w", f"must be > 0, got {self.h_div_w}"
+        if self.cfg < 0:
+            yield "cfg", f"must be >= 0, got {self.cfg}"
+        if self.tau <= 0:
+            yield "tau", f"must be > 0, got {self.tau}"
+        if self.top_k < 0:
+            yield "top_k", f"must be >= 0, got {self.top_k}"
+        if not 0 <= self.top_p <= 1:
+            yield "top_p", f"must be in [0, 1], got {self.top_p}"
+        if self.arch in ("2b", "8b") and not self.random_init:
+            for key in ("transformer_path", "vae_path", "text_encoder_path"):
+                if _is_missing(getattr(self, key)):
+                    yield key, (
+                        f"is required when pipeline.arch is {self.arch!r} and pipeline.random_init is false "
+                        "(set it in the model YAML, e.g. from an environment variable, or pass "
+                        f"--pipeline-{key.replace('_', '-')})"
+                    )
 
 
 @dataclass
@@ -96,6 +169,16 @@ class CollectConfig:
     seed: int = 0
     cache_dir: str = "runs/cache"
 
+    def check(self) -> Issues:
+        if not self.prompts:
+            yield "prompts", "must not be empty"
+        if self.num_prompts < 1:
+            yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
+        if self.num_scales < 0:
+            yield "num_scales", f"must be >= 0 (0 = all scales), got {self.num_scales}"
+        if not self.cache_dir:
+            yield "cache_dir", "must not be empty"
+
 
 @dataclass
 class QuantizerConfig:
@@ -108,14 +191,18 @@ class QuantizerConfig:
         scale_dtype: Dtype the scales are stored in (``float16``, ``bfloat16``, ``float32``).
     """
 
-    dtype: str | None = None
+    dtype: str | None = one_of(None, INT_DTYPES)
     group_size: int = -1
     symmetric: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str = one_of("float16", SCALE_DTYPES)
 
     @property
     def enabled(self) -> bool:
         return self.dtype is not None
+
+    def check(self) -> Issues:
+        if self.group_size < -1:
+            yield "group_size", f"must be -1 (per row), 0 (per tensor) or a positive group size, got {self.group_size}"
 
 
 @dataclass
@@ -126,7 +213,9 @@ class WeightQuantConfig(QuantizerConfig):
         skips: Layer kinds whose weights stay 16-bit (see ``deepcompressor.nn.layer_map`` for the kinds).
     """
 
-    skips: list[str] = field(default_factory=lambda: ["embed", "adaln", "text_proj", "head"])
+    skips: list[str] = field(
+        default_factory=lambda: ["embed", "adaln", "text_proj", "head"], metadata={"choices": LAYER_KINDS}
+    )
 
 
 @dataclass
@@ -140,7 +229,7 @@ class ActivationQuantConfig(QuantizerConfig):
     """
 
     static: bool = False
-    skips: list[str] = field(default_factory=lambda: ["ca_kv"])
+    skips: list[str] = field(default_factory=lambda: ["ca_kv"], metadata={"choices": LAYER_KINDS})
 
 
 @dataclass
@@ -149,8 +238,9 @@ class SmoothConfig:
 
     Args:
         enabled: Search and apply smoothing scales.
-        num_grids: Grid points for alpha in [0, 1].
-        search_beta: Search beta on the same grid as well; otherwise beta = 1 - alpha.
+        num_grids: Grid steps: alpha takes the values i / num_grids, i = 0..num_grids (with beta = 1 - alpha),
+            plus alpha = beta = 0 (no smoothing) as a candidate.
+        search_beta: Search beta on the same grid as well (all (alpha, beta) pairs); otherwise beta = 1 - alpha.
         fold: Fold scales into the preceding norm / linear where the graph allows.
     """
 
@@ -158,6 +248,10 @@ class SmoothConfig:
     num_grids: int = 20
     search_beta: bool = False
     fold: bool = True
+
+    def check(self) -> Issues:
+        if self.num_grids < 1:
+            yield "num_grids", f"must be >= 1, got {self.num_grids}"
 
 
 @dataclass
@@ -170,13 +264,21 @@ class LowRankConfig:
         num_iters: Maximum refinement iterations (SVD of W - Q(.), re-quantize, keep the best).
         early_stop: Stop refining when the output error stops improving.
         svd: ``auto``, ``full`` or ``randomized``.
+        dtype: Storage dtype of the factors L1, L2: ``bfloat16`` or ``float16``.
     """
 
     enabled: bool = False
     rank: int = 32
     num_iters: int = 10
     early_stop: bool = True
-    svd: str = "auto"
+    svd: str = one_of("auto", ("auto", "full", "randomized"))
+    dtype: str = one_of("bfloat16", ("bfloat16", "float16"))
+
+    def check(self) -> Issues:
+        if self.rank <= 0:
+            yield "rank", f"must be > 0, got {self.rank}"
+        if self.num_iters < 1:
+            yield "num_iters", f"must be >= 1, got {self.num_iters}"
 
 
 @dataclass
@@ -192,10 +294,16 @@ class RangeCalibConfig:
     """
 
     enabled: bool = True
-    objective: str = "output"
-    granularity: str = "group"
+    objective: str = one_of("output", ("weight", "output"))
+    granularity: str = one_of("group", ("layer", "group"))
     num_grids: int = 20
     max_shrink: float = 0.2
+
+    def check(self) -> Issues:
+        if self.num_grids < 1:
+            yield "num_grids", f"must be >= 1, got {self.num_grids}"
+        if not 0 <= self.max_shrink < 1:
+            yield "max_shrink", f"must be in [0, 1), got {self.max_shrink}"
 
 
 @dataclass
@@ -213,6 +321,12 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+
+    def check(self) -> Issues:
+        if self.damp < 0:
+            yield "damp", f"must be >= 0, got {self.damp}"
+        if self.block_size < 1:
+            yield "block_size", f"must be >= 1, got {self.block_size}"
 
 
 @dataclass
@@ -233,6 +347,21 @@ class QuantConfig:
     num_samples: int = 0
     max_tokens: int = 8192
 
+    def check(self) -> Issues:
+        if self.num_samples < 0:
+            yield "num_samples", f"must be >= 0 (0 = all captured samples), got {self.num_samples}"
+        if self.max_tokens < 1:
+            yield "max_tokens", f"must be >= 1, got {self.max_tokens}"
+        # These methods only change how weights are quantized; without a weight format they would silently do
+        # nothing, which is almost always a missing svdquant/int4.yaml (or similar) in the chain.
+        for section in ("low_rank", "gptq"):
+            if getattr(self, section).enabled and not self.wgts.enabled:
+                yield f"{section}.enabled", "needs quantized weights, but quant.wgts.dtype is null"
+        if self.smooth.enabled and not (self.wgts.enabled or self.ipts.enabled):
+            yield "smooth.enabled", (
+                "needs quantized weights or activations, but quant.wgts.dtype and quant.ipts.dtype are both null"
+            )
+
 
 @dataclass
 class KVCacheConfig:
@@ -248,11 +377,19 @@ class KVCacheConfig:
     """
 
     enabled: bool = False
-    dtype: str = "uint8"
+    dtype: str = one_of("uint8", KV_DTYPES)
     calib_path: str = "runs/kv_scales/kv_quant_calib.pt"
     artifact_dir: str = ""
     num_grids: int = 5
     golden_iters: int = 20
+
+    def check(self) -> Issues:
+        if self.enabled and not self.calib_path:
+            yield "calib_path", "is required when kv.enabled is true"
+        if self.num_grids < 1:
+            yield "num_grids", f"must be >= 1, got {self.num_grids}"
+        if self.golden_iters < 0:
+            yield "golden_iters", f"must be >= 0, got {self.golden_iters}"
 
 
 @dataclass
@@ -271,6 +408,14 @@ class EvalConfig:
     seed: int = 1234
     num_tokens: int = 12288
 
+    def check(self) -> Issues:
+        if self.prompt_offset < 0:
+            yield "prompt_offset", f"must be >= 0, got {self.prompt_offset}"
+        if self.num_prompts < 1:
+            yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
+        if self.num_tokens < 1:
+            yield "num_tokens", f"must be >= 1, got {self.num_tokens}"
+
 
 @dataclass
 class OutputConfig:
@@ -286,6 +431,12 @@ class OutputConfig:
     dirname: str = ""
     resume: bool = True
 
+    def check(self) -> Issues:
+        if not self.root:
+            yield "root", "must not be empty"
+        if self.dirname.startswith(("/", "~")) or ".." in self.dirname.replace("\\", "/").split("/"):
+            yield "dirname", f"must be a relative folder name under output.root, got {self.dirname!r}"
+
 
 @dataclass
 class RunConfig:
@@ -297,6 +448,14 @@ class RunConfig:
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def check(self) -> Issues:
+        # Evaluating on calibration prompts would hide overfitting of the searched scales.
+        if self.eval.prompt_offset < self.collect.num_prompts:
+            yield "eval.prompt_offset", (
+                f"evaluation prompts must not overlap the calibration prompts: prompt_offset {self.eval.prompt_offset}"
+                f" < collect.num_prompts {self.collect.num_prompts}"
+            )
 
 
 # Dotted keys whose values are filesystem paths: ``~`` and ``${ENV_VAR}`` are expanded in them.
