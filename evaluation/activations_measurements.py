@@ -1,0 +1,419 @@
+"""Activation and KV-cache outlier diagnostics of an Infinity model (the paper's Tables 1-2 and Fig. 1).
+
+    python -m evaluation.activations_measurements configs/models/infinity-8b.yaml configs/collect/qdiff.yaml
+    python -m evaluation.activations_measurements configs/models/infinity-tiny.yaml --eval-num-tokens 2048
+
+The model generates the step-aware calibration prompts (``collect.prompts``, the first ``collect.num_prompts``,
+every scale, classifier-free guidance as configured by ``pipeline.cfg``) while
+
+* a forward pre-hook on every ``nn.Linear`` of the transformer streams its input (viewed as tokens x channels)
+  into an ``evaluation.stats.ActivationAccumulator``: max|X| and the float64 moments over every token, medians
+  over a deterministic uniform sample of ``eval.num_tokens`` tokens per layer kept on the CPU;
+* a recording KV-cache factory streams every self-attention K and V exactly as the cache stores them
+  (cos-normalised and rotated keys, values, in the blocks' dtype) into a ``KVAccumulator`` per block. Only stored
+  scales are recorded: the sampler never stores the last scale, so a quantized cache never holds it either.
+
+Outputs, in ``output.root/diagnostics/<pipeline.name>/`` (or ``--out``): ``stats.json`` (every per-layer number,
+the summaries and the run settings), ``tables.md`` (Tables 1 and 2, then every layer), ``channel_profiles.npz``
+(per-channel max|X| and max/median of every linear input, per-channel range and skewness of every K/V),
+``fig1_ffn_down_and_kv_skewness.png``, ``worst_layer_channel_absmax.png`` and the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import re
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from deepcompressor.config import RunConfig, parse_cli, save_config
+
+from .report_figures import plot_channel_profile, plot_depth_profiles
+from .report_io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .report_tables import BLOCK_KINDS, markdown_report, summarize_kv, summarize_linear
+from .stats import ActivationAccumulator, KVAccumulator, kv_token_matrix
+
+__all__ = [
+    "DiagnosticsRecorder",
+    "RecordingLayerKVCache",
+    "diagnostics_dir",
+    "layer_kind",
+    "load_prompts",
+    "main",
+    "write_report",
+]
+
+PROG = "activations_measurements"
+logger = logging.getLogger(__name__)
+
+_BLOCK_NAME = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
+_SUFFIX_KIND = {suffix: kind for kind, _, suffix in BLOCK_KINDS}
+_OTHER_KINDS = (
+    ("word_embed", "embed"),
+    ("shared_ada_lin.", "adaln"),
+    ("head_nm.", "adaln"),
+    ("text_proj_for_", "text_proj"),
+    ("head", "head"),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers and prompts
+
+
+def layer_kind(name: str) -> str:
+    """Layer kind (as in ``quant.*.skips``) of a linear module name of the transformer."""
+    match = _BLOCK_NAME.match(name)
+    if match:
+        kind = _SUFFIX_KIND.get(match.group(3))
+        if kind is None:
+            raise ValueError(f"unknown linear layer {name!r} inside a block")
+        return kind
+    for prefix, kind in _OTHER_KINDS:
+        if name.startswith(prefix):
+            return kind
+    raise ValueError(f"unknown linear layer {name!r}")
+
+
+def _block_index(name: str, blocks_per_chunk: int) -> int | None:
+    match = _BLOCK_NAME.match(name)
+    return None if match is None else int(match.group(1)) * blocks_per_chunk + int(match.group(2))
+
+
+def load_prompts(spec: str, limit: int) -> list[tuple[str, str]]:
+    """The first ``limit`` ``(id, caption)`` pairs of a built-in prompt set or a YAML file of ``id: caption``."""
+    builtin = resources.files("deepcompressor") / "data" / "prompts" / f"{spec}.yaml"
+    if builtin.is_file():
+        source, text = f"built-in prompt set {spec!r}", builtin.read_text(encoding="utf-8")
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"collect.prompts: {spec!r} is neither a built-in prompt set nor a YAML file")
+        source, text = str(path), path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"collect.prompts: {source} must be a non-empty mapping of id: caption")
+    prompts = [(str(key), str(caption).strip()) for key, caption in data.items()]
+    if len(prompts) < limit:
+        raise ValueError(f"collect.num_prompts = {limit}, but {source} holds only {len(prompts)} prompts")
+    return prompts[:limit]
+
+
+def diagnostics_dir(cfg: RunConfig) -> Path:
+    """``output.root/diagnostics/<pipeline.name>``."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", cfg.pipeline.name).strip("._") or "model"
+    return Path(cfg.output.root) / "diagnostics" / name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recording
+
+
+class RecordingLayerKVCache:
+    """Wraps one block's cache: reports every K/V that is stored, then delegates everything to the wrapped cache."""
+
+    __slots__ = ("_inner", "_record")
+
+    def __init__(self, inner, record: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_record", record)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, store: bool) -> torch.Tensor:
+        if store:
+            self._record(k, v)
+        return self._inner.attend(q, k, v, store=store)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._inner, name, value)
+
+
+class DiagnosticsRecorder:
+    """Context manager that records every linear input and every stored K/V of ``model`` while it runs.
+
+    Args:
+        model: The Infinity transformer (``blocks()``, ``block_names()``, ``kv_cache_factory``).
+        token_budget: Tokens sampled per linear layer for the medians.
+        seed: Seed of the token sample.
+    """
+
+    def __init__(self, model: nn.Module, token_budget: int, seed: int = 0) -> None:
+        self.model = model
+        self.linears: dict[str, ActivationAccumulator] = {
+            name: ActivationAccumulator(token_budget, seed, name)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        if not self.linears:
+            raise ValueError("the model has no nn.Linear layer to record")
+        for name in self.linears:
+            layer_kind(name)  # fail before the run on an unexpected layout
+        self.block_names: list[str] = list(model.block_names())
+        self.keys = [KVAccumulator(f"{name} K") for name in self.block_names]
+        self.values = [KVAccumulator(f"{name} V") for name in self.block_names]
+        self._handles: list = []
+        self._inner_factory = None
+
+    def memory_bound_bytes(self) -> int:
+        """Upper bound of the CPU memory held by the token samples (every layer's budget filled)."""
+        total = 0
+        for name, acc in self.linears.items():
+            module = self.model.get_submodule(name)
+            total += acc.reservoir.budget * module.in_features * module.weight.element_size()
+        return total
+
+    def __enter__(self):
+        for name, acc in self.linears.items():
+            module = self.model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(self._linear_hook(acc)))
+        self._inner_factory = self.model.kv_cache_factory
+        self.model.kv_cache_factory = self._kv_cache_factory
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.model.kv_cache_factory = self._inner_factory
+
+    @staticmethod
+    def _linear_hook(acc: ActivationAccumulator):
+        def hook(module: nn.Module, args: tuple) -> None:
+            acc.update(args[0])
+
+        return hook
+
+    def _kv_cache_factory(self, model):
+        cache = self._inner_factory(model)
+        if len(cache.layers) != len(self.block_names):
+            raise ValueError(f"KV cache has {len(cache.layers)} layers, the model {len(self.block_names)} blocks")
+        cache.layers = [RecordingLayerKVCache(layer, self._kv_record(i)) for i, layer in enumerate(cache.layers)]
+        return cache
+
+    def _kv_record(self, index: int):
+        def record(k: torch.Tensor, v: torch.Tensor) -> None:
+            self.keys[index].update(kv_token_matrix(k))
+            self.values[index].update(kv_token_matrix(v))
+
+        return record
+
+    def linear_rows(self) -> tuple[list[dict], dict[str, dict]]:
+        """Per-layer scalar rows (module order) and the per-channel arrays of each layer."""
+        per_chunk = self.model.arch.blocks_per_chunk
+        rows, arrays = [], {}
+        for name, acc in self.linears.items():
+            if acc.channel_abs_max is None:
+                logger.warning("linear layer %s never ran; left out of the report", name)
+                continue
+            result = acc.result()
+            rows.append(
+                {"name": name, "kind": layer_kind(name), "block": _block_index(name, per_chunk)} | result.scalars()
+            )
+            arrays[name] = {
+                "channel_abs_max": result.channel_abs_max.numpy(),
+                "channel_max_to_median": result.channel_max_to_median.numpy(),
+            }
+        return rows, arrays
+
+    def kv_rows(self) -> tuple[list[dict], dict[str, dict]]:
+        rows, arrays = [], {}
+        for i, name in enumerate(self.block_names):
+            if self.keys[i].channel_min is None:
+                logger.warning("block %s stored no K/V; left out of the report", name)
+                continue
+            k, v = self.keys[i].result(), self.values[i].result()
+            rows.append({"name": name, "block": i, "k": k.scalars(), "v": v.scalars()})
+            arrays[name] = {
+                "k_channel_range": k.channel_range.numpy(),
+                "k_channel_skewness": k.channel_skewness.numpy(),
+                "v_channel_range": v.channel_range.numpy(),
+                "v_channel_skewness": v.channel_skewness.numpy(),
+            }
+        return rows, arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+FIGURE_DEPTH = "fig1_ffn_down_and_kv_skewness.png"
+FIGURE_WORST = "worst_layer_channel_absmax.png"
+
+
+def _worst_layer(rows: list[dict]) -> dict | None:
+    """The linear layer with the largest finite max/median (ties: first)."""
+    finite = [r for r in rows if r["max_to_median"] is not None and np.isfinite(r["max_to_median"])]
+    return max(finite, key=lambda r: r["max_to_median"]) if finite else None
+
+
+def write_report(
+    out_dir: Path,
+    title: str,
+    run_info: dict,
+    linear_rows: list[dict],
+    linear_arrays: dict[str, dict],
+    kv_rows: list[dict],
+    kv_arrays: dict[str, dict],
+) -> dict[str, Path]:
+    """Write stats.json, tables.md, channel_profiles.npz and the figures; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    figures: list[tuple[str, str]] = []
+
+    ffn_down = sorted((r for r in linear_rows if r["kind"] == "ffn_down"), key=lambda r: r["block"])
+    if ffn_down or kv_rows:
+        paths["figure_depth"] = plot_depth_profiles(
+            [r["block"] for r in ffn_down],
+            [r["channel_max_to_median_max"] for r in ffn_down],
+            [r["max_to_median"] for r in ffn_down],
+            [r["block"] for r in kv_rows],
+            [r["k"]["max_abs_skew"] for r in kv_rows],
+            [r["v"]["max_abs_skew"] for r in kv_rows],
+            out_dir / FIGURE_DEPTH,
+            title=title,
+        )
+        figures.append(("FFN down-projection outliers and max K/V channel skewness across depth", FIGURE_DEPTH))
+    worst = _worst_layer(linear_rows)
+    if worst is not None:
+        paths["figure_worst"] = plot_channel_profile(
+            linear_arrays[worst["name"]]["channel_abs_max"], worst["abs_median"], worst["name"], out_dir / FIGURE_WORST
+        )
+        figures.append((f"per-channel max|X| of the worst layer ({worst['name']})", FIGURE_WORST))
+
+    flat_arrays = {f"{name}/{key}": value for name, d in linear_arrays.items() for key, value in d.items()}
+    flat_arrays |= {f"kv/{name}/{key}": value for name, d in kv_arrays.items() for key, value in d.items()}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **flat_arrays)
+    paths["profiles"] = write_bytes_atomic(out_dir / "channel_profiles.npz", buffer.getvalue())
+
+    stats = {
+        "title": title,
+        "run": run_info,
+        "summary": {"linear": summarize_linear(linear_rows), "kv": summarize_kv(kv_rows) if kv_rows else {}},
+        "linear_layers": linear_rows,
+        "kv_cache": kv_rows,
+        "worst_layer": None if worst is None else worst["name"],
+        "figures": {key: path.name for key, path in paths.items() if key.startswith("figure")},
+    }
+    paths["stats"] = write_json_atomic(out_dir / "stats.json", stats)
+    meta = [f"{key}: {value}" for key, value in run_info.items()]
+    paths["tables"] = write_text_atomic(
+        out_dir / "tables.md", markdown_report(title, meta, linear_rows, kv_rows, figures)
+    )
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# App
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="Output folder (default: output.root/diagnostics/<pipeline.name>).")
+
+
+def _warn_non_finite(rows: list[dict], kv_rows: list[dict]) -> None:
+    for r in rows:
+        for key in ("max_to_median", "kurtosis", "channel_max_to_median_max"):
+            if not np.isfinite(r[key]):
+                logger.warning("%s: %s is %s (written as null)", r["name"], key, r[key])
+    for r in kv_rows:
+        for which in ("k", "v"):
+            for key, value in r[which].items():
+                if isinstance(value, float) and not np.isfinite(value):
+                    logger.warning("%s %s: %s is %s (written as null)", r["name"], which.upper(), key, value)
+
+
+def run(cfg: RunConfig, out_dir: Path) -> dict[str, Path]:
+    """Build the pipeline, generate the calibration prompts while recording, write the report."""
+    from infinity.pipeline import load_pipeline
+
+    p = cfg.pipeline
+    prompts = load_prompts(cfg.collect.prompts, cfg.collect.num_prompts)
+    logger.info(
+        "loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init, p.device, p.dtype
+    )
+    pipe = load_pipeline(
+        arch=p.arch,
+        transformer_path=p.transformer_path,
+        vae_path=p.vae_path,
+        text_encoder_path=p.text_encoder_path,
+        random_init=p.random_init,
+        seed=p.seed,
+        device=p.device,
+        dtype=p.dtype,
+    )
+    model = pipe.transformer
+    if p.cfg == 1.0:
+        logger.warning("pipeline.cfg = 1: classifier-free guidance is off, only conditional rows are measured")
+    recorder = DiagnosticsRecorder(model, cfg.eval.num_tokens, seed=cfg.collect.seed)
+    logger.info(
+        "recording %d linear layers and %d KV caches; token samples use up to %.2f GiB of CPU memory",
+        len(recorder.linears),
+        len(recorder.block_names),
+        recorder.memory_bound_bytes() / 2**30,
+    )
+    with recorder, torch.inference_mode():
+        for i, (prompt_id, caption) in enumerate(tqdm(prompts, desc="calibration prompts", unit="prompt")):
+            logger.debug("prompt %s: %s", prompt_id, caption)
+            pipe.generate(
+                [caption],
+                seed=cfg.collect.seed + i,
+                cfg=p.cfg,
+                tau=p.tau,
+                top_k=p.top_k,
+                top_p=p.top_p,
+                pn=p.pn,
+                h_div_w=p.h_div_w,
+            )
+    logger.info("computing statistics")
+    linear_rows, linear_arrays = recorder.linear_rows()
+    kv_rows, kv_arrays = recorder.kv_rows()
+    _warn_non_finite(linear_rows, kv_rows)
+    run_info = {
+        "model": p.name,
+        "arch": p.arch,
+        "weights": f"random init (seed {p.seed})" if p.random_init else (p.transformer_path or "built-in default"),
+        "device / dtype": f"{model.device} / {str(model.block_dtype).removeprefix('torch.')}",
+        "prompts": f"{cfg.collect.prompts} (first {len(prompts)}: {prompts[0][0]} .. {prompts[-1][0]})",
+        "resolution / h_div_w": f"{p.pn} / {p.h_div_w}",
+        "cfg / tau / top_k / top_p": f"{p.cfg} / {p.tau} / {p.top_k} / {p.top_p}",
+        "sampling seed": cfg.collect.seed,
+        "token budget per layer (medians)": cfg.eval.num_tokens,
+        "K/V tokens": "stored scales only (the last scale is never cached)",
+    }
+    paths = write_report(
+        out_dir, f"Activation diagnostics: {p.name}", run_info, linear_rows, linear_arrays, kv_rows, kv_arrays
+    )
+    paths["config"] = save_config(cfg, out_dir / "config.yaml")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_cli(
+        PROG,
+        argv,
+        add_arguments=_add_arguments,
+        description="Outlier statistics of the linear-layer inputs and of the KV cache of an Infinity model.",
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    out_dir = Path(args.out) if args.out else diagnostics_dir(cfg)
+    paths = run(cfg, out_dir)
+    for key, path in paths.items():
+        logger.info("wrote %s: %s", key, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
