@@ -465,19 +465,22 @@ class ActivationAccumulator:
     def result(self) -> ActivationStats:
         if self.channel_abs_max is None:
             raise ValueError(f"{self.name or 'ActivationAccumulator'}: no data was recorded")
-        sample = self.reservoir.rows.abs()
+        # The medians are computed where the data came from (selection is much faster on a GPU).
+        device = self.channel_abs_max.device
+        sample = self.reservoir.rows.to(device).abs()
         if sample.dtype in (torch.float16, torch.bfloat16):
             sample = sample.float()
-        channel_abs_max = self.channel_abs_max.cpu()
-        abs_max = channel_abs_max.max().item()
+        abs_max = self.channel_abs_max.max().item()
         abs_median = median(sample).item()
-        per_channel = _safe_divide(channel_abs_max, median(sample, dim=0))
+        per_channel = _safe_divide(self.channel_abs_max, median(sample, dim=0)).cpu()
+        channel_abs_max = self.channel_abs_max.cpu()
+        del sample
         finite_or_inf = torch.nan_to_num(per_channel, nan=-math.inf)
         worst = int(torch.argmax(finite_or_inf).item())
         return ActivationStats(
             num_tokens=self.reservoir.seen,
-            num_sampled=sample.shape[0],
-            channels=sample.shape[1],
+            num_sampled=self.reservoir.rows.shape[0],
+            channels=channel_abs_max.numel(),
             abs_max=abs_max,
             abs_median=abs_median,
             max_to_median=_ratio(abs_max, abs_median),
