@@ -121,6 +121,13 @@ def test_errors_exit_2_with_a_message(argv, fragments, capsys):
         assert fragment in err
 
 
+def test_bad_yaml_file_exits_2_naming_it(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("quant:\n  wgts: {dtype: sint4\n")
+    code, _, err = exit_of([str(broken)], capsys)
+    assert code == 2 and "broken.yaml" in err and "invalid YAML" in err
+
+
 def test_dump_config_round_trips(base_file, tmp_path, capsys):
     argv = [base_file, "--quant-wgts-skips", "head", "--pipeline-h-div-w", "1.5", "--set", "output.dirname=x"]
     expected, _ = parse(argv)

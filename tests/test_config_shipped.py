@@ -117,35 +117,58 @@ def test_real_model_without_its_variable_names_it(model_env, monkeypatch):
     assert issue.source.endswith("infinity-2b.yaml")
 
 
-def quant_of(files) -> dict:
-    return config_to_dict(load_config(files))["quant"]
+# What an ablation decides; grid sizes and budgets stay with the chain (svdquant/fast.yaml, flags).
+METHOD_KEYS = (
+    "wgts.dtype",
+    "wgts.group_size",
+    "ipts.dtype",
+    "ipts.group_size",
+    "ipts.static",
+    "smooth.enabled",
+    "low_rank.enabled",
+    "low_rank.rank",
+    "calib_range.enabled",
+    "gptq.enabled",
+)
+
+
+def method_of(files) -> dict:
+    quant = flat(config_to_dict(load_config(files))["quant"])
+    return {key: quant[key] for key in METHOD_KEYS}
 
 
 @pytest.mark.parametrize("ablation", ["naive", "smoothquant", "svdquant", "w16"])
 def test_ablation_stacked_last_is_independent_of_the_method_before_it(ablation):
     tail = CONFIGS / "ablations" / f"{ablation}.yaml"
-    on_svdquant = quant_of([TINY, QDIFF, INT4, tail])
-    on_int8_gptq = quant_of([TINY, QDIFF, CONFIGS / "svdquant" / "int8.yaml", CONFIGS / "svdquant" / "gptq.yaml", tail])
-    on_nothing = quant_of([TINY, QDIFF, tail])
+    on_svdquant = method_of([TINY, QDIFF, INT4, tail])
+    on_int8_gptq = method_of(
+        [TINY, QDIFF, CONFIGS / "svdquant" / "int8.yaml", CONFIGS / "svdquant" / "gptq.yaml", tail]
+    )
+    on_nothing = method_of([TINY, QDIFF, tail])
     assert on_svdquant == on_int8_gptq == on_nothing
 
 
 def test_ablations_mean_what_they_say():
-    svdquant = quant_of([TINY, QDIFF, CONFIGS / "ablations" / "svdquant.yaml"])
-    assert svdquant == quant_of([TINY, QDIFF, INT4])  # the same method as the svdquant/ chain
-    naive = load_config([TINY, QDIFF, INT4, CONFIGS / "ablations" / "naive.yaml"]).quant
-    assert (naive.wgts.dtype, naive.wgts.group_size, naive.ipts.dtype, naive.ipts.group_size) == (
+    svdquant = method_of([TINY, QDIFF, CONFIGS / "ablations" / "svdquant.yaml"])
+    assert svdquant == method_of([TINY, QDIFF, INT4])  # the same method as the svdquant/ chain
+    naive = method_of([TINY, QDIFF, INT4, CONFIGS / "ablations" / "naive.yaml"])
+    assert naive == {
+        **svdquant,
+        "smooth.enabled": False,
+        "low_rank.enabled": False,
+        "calib_range.enabled": False,
+    }
+    assert (naive["wgts.dtype"], naive["wgts.group_size"], naive["ipts.dtype"], naive["ipts.group_size"]) == (
         "sint4",
         64,
         "sint4",
         64,
     )
-    assert not (naive.smooth.enabled or naive.low_rank.enabled or naive.calib_range.enabled or naive.gptq.enabled)
-    smooth = load_config([TINY, QDIFF, CONFIGS / "ablations" / "smoothquant.yaml"]).quant
-    assert smooth.smooth.enabled and not smooth.low_rank.enabled and smooth.ipts.dtype == "sint4"
-    w16 = load_config([TINY, QDIFF, CONFIGS / "ablations" / "w16.yaml"]).quant
-    assert w16.ipts.dtype is None and w16.wgts.dtype == "sint4"
-    assert {**quant_of([TINY, QDIFF, CONFIGS / "ablations" / "w16.yaml"]), "ipts": None} == {**svdquant, "ipts": None}
+    assert method_of([TINY, QDIFF, CONFIGS / "ablations" / "smoothquant.yaml"]) == {
+        **svdquant,
+        "low_rank.enabled": False,
+    }
+    assert method_of([TINY, QDIFF, CONFIGS / "ablations" / "w16.yaml"]) == {**svdquant, "ipts.dtype": None}
 
 
 def test_ablation_keeps_the_fast_grids():
