@@ -252,7 +252,7 @@ def test_load_dtype_and_full_round_trip(tmp_path):
         out = back.decode(z)
         ref = vae.decode(z)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=5e-2, rtol=0)
+    assert (out - ref).norm() / ref.norm() < 5e-2  # bf16 weights and activations through ~30 convolutions
 
 
 # ------------------------------------------------------------------------------------------ random init, encoder
@@ -272,8 +272,17 @@ def test_random_vae_is_deterministic():
     assert torch.equal(half.state_dict()["decoder.conv_in.conv.weight"], sa["decoder.conv_in.conv.weight"].bfloat16())
 
 
+def test_tiny_vae_config():
+    assert tiny_vae_config(16).ch_mult == (1, 1, 2, 2) and tiny_vae_config(16).stride == 8
+    golden_like = tiny_vae_config(6, stride=4)
+    assert (golden_like.codebook_dim, golden_like.stride, golden_like.ch_mult, golden_like.base_ch) == (6, 4, (1, 1, 2), 32)
+    assert golden_like == TINY  # dataclass equality ignores the name
+    with pytest.raises(ValueError):
+        tiny_vae_config(6, stride=6)
+
+
 def test_encoder_and_multiscale_quantiser():
-    cfg = tiny_vae_config(6)
+    cfg = tiny_vae_config(6, stride=4)
     vae = random_vae(cfg, seed=1)
     img = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
     sched = [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 6, 6)]

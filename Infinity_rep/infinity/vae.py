@@ -27,6 +27,7 @@ __all__ = [
     "VAE_CONFIGS",
     "VAECheckpointError",
     "VAEConfig",
+    "build_vae_from_state_dict",
     "image_to_uint8_bgr",
     "load_vae",
     "random_vae",
@@ -77,9 +78,17 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
 }
 
 
-def tiny_vae_config(d: int) -> VAEConfig:
-    """Small VAE (stride 4, widths 32/32/64) for embedded tiny models with `d` bits per latent position."""
-    return VAEConfig(codebook_dim=d, stride=4, ch_mult=(1, 1, 2), base_ch=32, name=f"tiny_d{d}")
+def tiny_vae_config(d: int, stride: int = 8) -> VAEConfig:
+    """Small VAE for embedded tiny models: `d` bits per position, base width 32, `ch_mult` (1, 1, 2, ...).
+
+    One level per resampling stage plus one: stride 8 -> (1, 1, 2, 2) (decoder widths 64, 64, 32, 32),
+    stride 4 -> (1, 1, 2) (the architecture of the golden test VAE).
+    """
+    if stride < 2 or stride & (stride - 1):
+        raise ValueError(f"tiny_vae_config: stride must be a power of two >= 2, got {stride}")
+    levels = int(math.log2(stride)) + 1
+    ch_mult = tuple(1 if i < 2 else 2 for i in range(levels))
+    return VAEConfig(codebook_dim=d, stride=stride, ch_mult=ch_mult, base_ch=32, name=f"tiny_d{d}_s{stride}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Maintenance scripts of the infinity package (asset builders)."""
