@@ -38,6 +38,7 @@ __all__ = [
     "read_state_dict_shards",
     "resolve_device",
     "resolve_dtype",
+    "set_tensor",
     "tensor_dtype",
     "unwrap_state_dict",
 ]
@@ -98,7 +99,8 @@ def build_meta_model(arch: str | InfinityArch) -> Infinity:
     return model.eval()
 
 
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Materialise parameter/buffer ``name`` with ``tensor`` (replaces a meta placeholder; no copy)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
@@ -252,7 +254,7 @@ def load_transformer(
             if not tensor.is_floating_point():
                 mismatched.append(f"{name} (dtype {tensor.dtype}, expected a floating-point tensor)")
                 continue
-            _set_tensor(model, name, _to_target(tensor, device, tensor_dtype(name, block_dtype)))
+            set_tensor(model, name, _to_target(tensor, device, tensor_dtype(name, block_dtype)))
             loaded.add(name)
         del tensors
     missing = []
@@ -260,7 +262,7 @@ def load_transformer(
         if name in loaded:
             continue
         if name.endswith(OPTIONAL_SUFFIX):
-            _set_tensor(model, name, torch.zeros(ref.shape, device=device, dtype=tensor_dtype(name, block_dtype)))
+            set_tensor(model, name, torch.zeros(ref.shape, device=device, dtype=tensor_dtype(name, block_dtype)))
         else:
             missing.append(name)
     problems = [
@@ -316,7 +318,5 @@ def random_transformer(
     model = build_meta_model(arch)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     for name, ref in _meta_entries(model).items():
-        _set_tensor(
-            model, name, _random_value(name, ref.shape, generator, device, tensor_dtype(name, block_dtype), std)
-        )
+        set_tensor(model, name, _random_value(name, ref.shape, generator, device, tensor_dtype(name, block_dtype), std))
     return model
