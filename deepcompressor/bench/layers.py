@@ -1,0 +1,168 @@
+"""Layer benchmark of the quantization methods on synthetic layers with Infinity-like activation outliers.
+
+    python -m deepcompressor.bench.layers [--device cuda|cpu] [--sizes 2b,8b] [--json PATH]
+
+For every layer (``bench.layers_synthetic``) and method it calibrates on ``--tokens`` calibration tokens, builds
+the ``FakeQuantLinear`` and reports the relative output error ``||Y_q - Y|| / ||Y||`` on ``--eval-tokens``
+held-out tokens, and the calibration wall time (device-synchronised). Methods (all INT4 symmetric, groups of 64
+along the input dimension, fp16 scales, no range search):
+
+- ``rtn``: W4A4 round-to-nearest;
+- ``smoothquant``: W4A4 with the smoothing search;
+- ``svdquant``: W4A4 with smoothing and the rank-32 low-rank branch (SVDQuant);
+- ``svdquant_gptq``: SVDQuant with GPTQ for the residual weight;
+- ``w4a16``: weight-only round-to-nearest (16-bit activations), the control.
+
+``--json PATH`` writes ``{layer: {method: {"rel_error": float, "seconds": float}}}`` atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..calib.layer import calibrate_linear
+from ..calib.search import relative_error, synchronize
+from ..config.schema import QuantConfig
+from ..nn.fake_linear import FakeQuantLinear
+from .layers_synthetic import LAYER_SETS, SyntheticLayer, input_statistics, synthetic_inputs, synthetic_weight
+
+__all__ = ["METHODS", "main", "method_config", "run_benchmark"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16")
+_DEFAULT_TOKENS = {"tiny": (1024, 512), "2b": (8192, 4096), "8b": (8192, 4096)}
+
+
+def method_config(method: str, max_tokens: int = 8192, rank: int = 32) -> QuantConfig:
+    """The ``QuantConfig`` of a benchmark method."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    cfg = QuantConfig(max_tokens=max_tokens)
+    cfg.wgts.dtype, cfg.wgts.group_size, cfg.wgts.symmetric = "sint4", 64, True
+    cfg.ipts.dtype, cfg.ipts.group_size, cfg.ipts.symmetric = "sint4", 64, True
+    cfg.calib_range.enabled = False
+    cfg.smooth.enabled = method in ("smoothquant", "svdquant", "svdquant_gptq")
+    cfg.low_rank.enabled = method in ("svdquant", "svdquant_gptq")
+    cfg.low_rank.rank = rank
+    cfg.gptq.enabled = method == "svdquant_gptq"
+    if method == "w4a16":
+        cfg.ipts.dtype = None
+    return cfg
+
+
+def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, device, progress) -> dict:
+    x_cal = synthetic_inputs(layer, tokens, seed=1, device=device)
+    x_eval = synthetic_inputs(layer, eval_tokens, seed=2, device=device)
+    weight = synthetic_weight(layer, device=device)
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device=device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    y_eval = x_eval @ weight.T
+    stats = input_statistics(x_cal)
+    logger.info("%s: %d -> %d, inputs absmax/median %.0f, kurtosis %.0f", layer.name, layer.in_features,
+                layer.out_features, stats["absmax_over_median"], stats["kurtosis"])
+    results = {}
+    for method in methods:
+        cfg = method_config(method, max_tokens=tokens)
+        synchronize(device)
+        start = time.perf_counter()
+        calib = calibrate_linear(weight, None, x_cal, cfg, name=f"{layer.name}/{method}")
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        module = FakeQuantLinear.from_linear(linear, calib, 0, cfg, keep_float_weight=False, name=layer.name)
+        with torch.no_grad():
+            rel = relative_error(module(x_eval), y_eval)
+        results[method] = {"rel_error": rel, "seconds": seconds}
+        progress.update(1)
+    return results
+
+
+def run_benchmark(sizes, methods=METHODS, device="cpu", tokens: int | None = None,
+                  eval_tokens: int | None = None) -> dict:
+    """``{layer: {method: {"rel_error", "seconds"}}}`` for the layer sets ``sizes``."""
+    layers = []
+    for size in sizes:
+        if size not in LAYER_SETS:
+            raise ValueError(f"--sizes: unknown size {size!r}; expected some of {sorted(LAYER_SETS)}")
+        layers += [(size, layer) for layer in LAYER_SETS[size]]
+    if torch.device(device).type == "cuda":
+        # First-use costs (cuBLAS / cuSOLVER handles, kernels) must not be charged to the first method.
+        warm = SyntheticLayer("warmup", 256, 256, "ffn_up")
+        calibrate_linear(synthetic_weight(warm, device), None, synthetic_inputs(warm, 512, 0, device),
+                         method_config("svdquant_gptq", 512), name="warmup")
+    results = {}
+    with tqdm(total=len(layers) * len(methods), desc="layers x methods") as progress:
+        for size, layer in layers:
+            default_tokens, default_eval = _DEFAULT_TOKENS[size]
+            results[layer.name] = _bench_layer(layer, methods, tokens or default_tokens,
+                                               eval_tokens or default_eval, device, progress)
+    return results
+
+
+def format_table(results: dict, methods=METHODS) -> str:
+    """Relative errors and seconds as a fixed-width table."""
+    width = max(len(name) for name in results) + 2
+    head = "layer".ljust(width) + "".join(f"{m:>15}" for m in methods)
+    lines = ["relative output error ||Y_q - Y|| / ||Y|| (held-out tokens)", head]
+    for name, row in results.items():
+        lines.append(name.ljust(width) + "".join(f"{row[m]['rel_error']:>15.4f}" for m in methods))
+    lines += ["", "calibration seconds", head]
+    for name, row in results.items():
+        lines.append(name.ljust(width) + "".join(f"{row[m]['seconds']:>15.3f}" for m in methods))
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".layers-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.layers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:<i> or cpu (default: cuda when available)")
+    parser.add_argument("--sizes", default="2b,8b", help="comma-separated layer sets: tiny, 2b, 8b")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192; tiny 1024)")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4096; tiny 512)")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    sizes = [s for s in args.sizes.split(",") if s]
+    try:
+        results = run_benchmark(sizes, methods, args.device, args.tokens, args.eval_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    print(format_table(results, methods))
+    if args.json:
+        _write_json_atomic(args.json, results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

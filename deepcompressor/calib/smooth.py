@@ -1,0 +1,145 @@
+"""Smoothing (SmoothQuant, as used by SVDQuant): migrate activation outliers into the weights.
+
+Per input channel ``j``: ``s_j = max|X_j|^alpha / max|W_j|^beta``; the layer computes ``(x / s) @ (W * s)^T``, the
+same product, with flatter inputs. ``max|W_j|`` is taken over the rows of every linear that reads the input, so
+one ``s`` serves them all (e.g. separate q/k/v projections). Both maxima are clamped to at least ``1e-5`` so that
+``s`` is finite and positive for dead channels.
+
+The search scores every candidate ``(alpha, beta)`` by the squared output error of the fully quantized layers
+(quantized inputs, round-to-nearest weights, and the rank-r SVD branch of ``W * s`` when the low-rank branch is
+enabled: one SVD per candidate, the iterative refinement runs once ``s`` is chosen) against the float outputs.
+Candidates are ``(0, 0)`` (no smoothing, first so that ties keep it) and ``(i/n, 1 - i/n)``, or every pair of the
+grid with ``search_beta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.formats import scale_dtype_from_name
+from ..quant.functional import fake_quantize
+from .lowrank import lowrank_factors
+from .search import quantize_inputs, quantized_linear_output, squared_error
+
+__all__ = [
+    "SmoothSearchResult",
+    "fold_smooth_into_linear",
+    "fold_smooth_into_norm",
+    "search_smooth_scale",
+    "smooth_candidates",
+    "smooth_scale",
+]
+
+_MIN_RANGE = 1e-5
+
+
+def smooth_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``max|X|^alpha / max|W|^beta`` per channel, with both maxima clamped to ``>= 1e-5``."""
+    return x_absmax.clamp_min(_MIN_RANGE).pow(alpha) / w_absmax.clamp_min(_MIN_RANGE).pow(beta)
+
+
+def smooth_candidates(smooth_cfg) -> list[tuple[float, float]]:
+    """The ``(alpha, beta)`` pairs the search tries, in order."""
+    n = smooth_cfg.num_grids
+    if n < 1:
+        raise ValueError(f"quant.smooth.num_grids: expected >= 1, got {n}")
+    steps = [i / n for i in range(n + 1)]
+    if smooth_cfg.search_beta:
+        return [(a, b) for a in steps for b in steps]
+    return [(0.0, 0.0)] + [(a, 1.0 - a) for a in steps]
+
+
+@dataclass
+class SmoothSearchResult:
+    """Outcome of ``search_smooth_scale``.
+
+    Attributes:
+        scale: ``s [in]`` (float32); inputs are divided by it, weight columns multiplied.
+        alpha, beta: The chosen exponents.
+        candidates: Every ``(alpha, beta)`` tried.
+        errors: ``[len(candidates)]`` summed squared output error of every candidate.
+    """
+
+    scale: torch.Tensor
+    alpha: float
+    beta: float
+    candidates: list[tuple[float, float]]
+    errors: torch.Tensor
+
+
+def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, *,
+                        y_refs: Sequence[torch.Tensor] | None = None, name: str = "linear") -> SmoothSearchResult:
+    """Search the smoothing scale shared by ``weights`` (each ``[out_i, in]``) reading inputs ``x [tokens, in]``.
+
+    Args:
+        qcfg: ``QuantConfig``: uses ``wgts``, ``ipts``, ``smooth`` and ``low_rank``.
+        y_refs: Float outputs ``x @ w_i^T`` if already computed.
+    """
+    weights = [w.float() for w in weights]
+    x = x.float()
+    for i, w in enumerate(weights):
+        if w.shape[1] != x.shape[1]:
+            raise ValueError(f"{name}[{i}]: weight expects {w.shape[1]} inputs, calibration inputs have {x.shape[1]}")
+    if y_refs is None:
+        y_refs = [x @ w.T for w in weights]
+    x_absmax = x.abs().amax(dim=0)
+    w_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    wcfg, lr_cfg = qcfg.wgts, qcfg.low_rank
+    quantize_weights = wcfg is not None and wcfg.dtype is not None
+    factor_dtype = scale_dtype_from_name(lr_cfg.dtype, key="quant.low_rank.dtype") if lr_cfg.enabled else None
+    candidates = smooth_candidates(qcfg.smooth)
+    errors = []
+    for alpha, beta in candidates:
+        s = smooth_scale(x_absmax, w_absmax, alpha, beta)
+        xs = x / s
+        xq = quantize_inputs(xs, qcfg.ipts)
+        err = torch.zeros((), device=x.device)
+        for w, y_ref in zip(weights, y_refs):
+            ws = w * s
+            l1 = l2 = None
+            if lr_cfg.enabled:
+                l1, l2 = lowrank_factors(ws, lr_cfg.rank, lr_cfg.svd, factor_dtype)
+                ws = ws - l1 @ l2
+            wq = fake_quantize(ws, wcfg, check=False) if quantize_weights else ws
+            err = err + squared_error(quantized_linear_output(xq, wq, xs, l1, l2), y_ref)
+        errors.append(err)
+    errors = torch.stack(errors)
+    best = int(errors.argmin())
+    alpha, beta = candidates[best]
+    return SmoothSearchResult(smooth_scale(x_absmax, w_absmax, alpha, beta), alpha, beta, candidates, errors)
+
+
+def fold_smooth_into_norm(weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Affine of a norm whose output feeds the smoothed linears: ``(weight / s, bias / s)``.
+
+    A norm without affine weight cannot absorb ``s``: the caller keeps the division at run time.
+    """
+    if weight is None:
+        raise ValueError("fold_smooth_into_norm: the norm has no affine weight; keep the smoothing scale at run time")
+    if weight.shape != s.shape:
+        raise ValueError(f"fold_smooth_into_norm: norm weight {tuple(weight.shape)} vs scale {tuple(s.shape)}")
+    new_weight = (weight.float() / s).to(weight.dtype)
+    new_bias = None if bias is None else (bias.float() / s).to(bias.dtype)
+    return new_weight, new_bias
+
+
+def fold_smooth_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor,
+                            rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A producing linear whose output rows ``rows`` (all by default) are the smoothed input: divide those rows of
+    its weight and bias by ``s`` (e.g. the value rows of a fused qkv projection before the output projection).
+    Returns new tensors; the inputs are not modified."""
+    rows = slice(None) if rows is None else rows
+    new_weight = weight.clone()
+    block = new_weight[rows]
+    if block.shape[0] != s.shape[0]:
+        raise ValueError(f"fold_smooth_into_linear: {block.shape[0]} selected rows vs scale of {s.shape[0]} channels")
+    new_weight[rows] = (block.float() / s.unsqueeze(1)).to(weight.dtype)
+    new_bias = None
+    if bias is not None:
+        new_bias = bias.clone()
+        new_bias[rows] = (bias[rows].float() / s).to(bias.dtype)
+    return new_weight, new_bias
