@@ -337,23 +337,14 @@ def _warn_non_finite(rows: list[dict], kv_rows: list[dict]) -> None:
 
 def run(cfg: RunConfig, out_dir: Path) -> dict[str, Path]:
     """Build the pipeline, generate the calibration prompts while recording, write the report."""
-    from infinity.pipeline import load_pipeline
+    from infinity.pipeline import pipeline_from_config
 
     p = cfg.pipeline
     prompts = load_prompts(cfg.collect.prompts, cfg.collect.num_prompts)
     logger.info(
         "loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init, p.device, p.dtype
     )
-    pipe = load_pipeline(
-        arch=p.arch,
-        transformer_path=p.transformer_path,
-        vae_path=p.vae_path,
-        text_encoder_path=p.text_encoder_path,
-        random_init=p.random_init,
-        seed=p.seed,
-        device=p.device,
-        dtype=p.dtype,
-    )
+    pipe = pipeline_from_config(p)
     model = pipe.transformer
     if p.cfg == 1.0:
         logger.warning("pipeline.cfg = 1: classifier-free guidance is off, only conditional rows are measured")
