@@ -1,0 +1,118 @@
+import pytest
+import torch
+from test_quant_reference import ref_fake_quant
+
+from deepcompressor.calib.smooth import (
+    fold_smooth_into_linear,
+    fold_smooth_into_norm,
+    search_smooth_scale,
+    smooth_candidates,
+)
+from deepcompressor.config.schema import QuantConfig
+
+
+def _config(num_grids=4, search_beta=False, low_rank=False, ipts=True):
+    cfg = QuantConfig()
+    cfg.wgts.dtype, cfg.wgts.group_size, cfg.wgts.scale_dtype = "sint4", 16, "float32"
+    if ipts:
+        cfg.ipts.dtype, cfg.ipts.group_size, cfg.ipts.scale_dtype = "sint4", 16, "float32"
+    cfg.smooth.enabled, cfg.smooth.num_grids, cfg.smooth.search_beta = True, num_grids, search_beta
+    cfg.low_rank.enabled, cfg.low_rank.rank, cfg.low_rank.svd, cfg.low_rank.dtype = low_rank, 4, "full", "float16"
+    return cfg
+
+
+def _layer(seed=0, tokens=64, n=48, outs=(32,)):
+    gen = torch.Generator().manual_seed(seed)
+    channel = torch.ones(n)
+    channel[[2, 17]] = torch.tensor([30.0, 12.0])
+    x = torch.randn(tokens, n, generator=gen) * channel
+    weights = [torch.randn(o, n, generator=gen) / n**0.5 for o in outs]
+    return x, weights
+
+
+def _brute_force_error(x, weights, cfg, alpha, beta):
+    """Squared output error of one candidate, composed by hand in float64 with the loop reference quantizer."""
+    x = x.double()
+    x_max = x.abs().amax(dim=0).clamp_min(1e-5)
+    w_max = torch.stack([w.double().abs().amax(dim=0) for w in weights]).amax(dim=0).clamp_min(1e-5)
+    s = x_max**alpha / w_max**beta
+    xs = x / s
+    xq, _, _, _ = ref_fake_quant(xs, "sint4", 16, True, "float32") if cfg.ipts.dtype else (xs, 0, 0, 0)
+    total = 0.0
+    for w in weights:
+        w = w.double()
+        ws = w * s
+        branch = 0.0
+        if cfg.low_rank.enabled:
+            u, sv, vh = torch.linalg.svd(ws, full_matrices=False)
+            r = cfg.low_rank.rank
+            l1 = (u[:, :r] * sv[:r].sqrt()).to(torch.float16).double()
+            l2 = (sv[:r].sqrt().unsqueeze(1) * vh[:r]).to(torch.float16).double()
+            ws = ws - l1 @ l2
+            branch = xs @ l2.T @ l1.T
+        wq, _, _, _ = ref_fake_quant(ws, "sint4", 16, True, "float32")
+        total += float((xq @ wq.T + branch - x @ w.T).square().sum())
+    return total
+
+
+@pytest.mark.parametrize("low_rank,ipts", ((False, True), (True, True), (False, False)))
+def test_smooth_search_equals_brute_force(low_rank, ipts):
+    x, weights = _layer(outs=(32, 24))
+    cfg = _config(num_grids=4, low_rank=low_rank, ipts=ipts)
+    result = search_smooth_scale(weights, x, cfg)
+    assert result.candidates == smooth_candidates(cfg.smooth)
+    brute = torch.tensor([_brute_force_error(x, weights, cfg, a, b) for a, b in result.candidates],
+                         dtype=torch.float64)
+    torch.testing.assert_close(result.errors.double(), brute, rtol=2e-3, atol=0)
+    chosen = result.candidates.index((result.alpha, result.beta))
+    assert brute[chosen] <= brute.min() * (1 + 2e-3)
+    # The outlier channels get the largest scales; no smoothing loses on these inputs.
+    assert (result.alpha, result.beta) != (0.0, 0.0)
+    assert brute[chosen] < brute[0]
+    assert int(result.scale.argmax()) == 2
+
+
+def test_candidates():
+    cfg = _config(num_grids=4)
+    assert smooth_candidates(cfg.smooth) == [(0.0, 0.0), (0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25),
+                                             (1.0, 0.0)]
+    cfg.smooth.search_beta = True
+    pairs = smooth_candidates(cfg.smooth)
+    assert len(pairs) == 25 and (0.0, 0.0) in pairs and (1.0, 1.0) in pairs
+
+
+def test_scale_is_finite_for_dead_channels():
+    x, weights = _layer()
+    x[:, 5] = 0
+    weights[0][:, 7] = 0
+    result = search_smooth_scale(weights, x, _config())
+    assert bool(torch.isfinite(result.scale).all()) and bool((result.scale > 0).all())
+
+
+def test_fold_into_norm_reproduces_divided_output():
+    gen = torch.Generator().manual_seed(1)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=gen) + 0.5)
+        norm.bias.copy_(torch.randn(16, generator=gen))
+    s = torch.rand(16, generator=gen) + 0.1
+    x = torch.randn(5, 16, generator=gen)
+    weight, bias = fold_smooth_into_norm(norm.weight, norm.bias, s)
+    folded = torch.nn.functional.layer_norm(x, (16,), weight, bias)
+    torch.testing.assert_close(folded, norm(x) / s)
+    with pytest.raises(ValueError, match="no affine weight"):
+        fold_smooth_into_norm(None, None, s)
+
+
+def test_fold_into_producing_linear_rows():
+    gen = torch.Generator().manual_seed(2)
+    producer = torch.nn.Linear(8, 24)
+    s = torch.rand(8, generator=gen) + 0.1
+    x = torch.randn(3, 8, generator=gen)
+    rows = slice(16, 24)  # e.g. the value rows of a fused qkv projection
+    weight, bias = fold_smooth_into_linear(producer.weight.detach(), producer.bias.detach(), s, rows)
+    expected = producer(x).detach()
+    expected[:, rows] = expected[:, rows] / s
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected)
+    with pytest.raises(ValueError, match="selected rows"):
+        fold_smooth_into_linear(producer.weight.detach(), None, s, slice(0, 4))
