@@ -9,7 +9,7 @@ along the input dimension, fp16 scales, no range search):
 
 - ``rtn``: W4A4 round-to-nearest;
 - ``smoothquant``: W4A4 with the smoothing search;
-- ``svdquant``: W4A4 with smoothing and the rank-32 low-rank branch (SVDQuant);
+- ``svdquant``: W4A4 with smoothing and the rank-32 low-rank branch (SVDQuant; rank 4 for the tiny layers);
 - ``svdquant_gptq``: SVDQuant with GPTQ for the residual weight;
 - ``w4a16``: weight-only round-to-nearest (16-bit activations), the control.
 
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16")
 _DEFAULT_TOKENS = {"tiny": (1024, 512), "2b": (8192, 4096), "8b": (8192, 4096)}
+# Rank of the branch: 32 for the real sizes (1-2% of the width); the tiny layers keep a similar share.
+_DEFAULT_RANK = {"tiny": 4, "2b": 32, "8b": 32}
 
 
 def method_config(method: str, max_tokens: int = 8192, rank: int = 32) -> QuantConfig:
@@ -59,7 +61,8 @@ def method_config(method: str, max_tokens: int = 8192, rank: int = 32) -> QuantC
     return cfg
 
 
-def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, device, progress) -> dict:
+def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, device, rank: int,
+                 progress) -> dict:
     x_cal = synthetic_inputs(layer, tokens, seed=1, device=device)
     x_eval = synthetic_inputs(layer, eval_tokens, seed=2, device=device)
     weight = synthetic_weight(layer, device=device)
@@ -72,7 +75,7 @@ def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, 
                 layer.out_features, stats["absmax_over_median"], stats["kurtosis"])
     results = {}
     for method in methods:
-        cfg = method_config(method, max_tokens=tokens)
+        cfg = method_config(method, max_tokens=tokens, rank=rank)
         synchronize(device)
         start = time.perf_counter()
         calib = calibrate_linear(weight, None, x_cal, cfg, name=f"{layer.name}/{method}")
@@ -87,7 +90,7 @@ def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, 
 
 
 def run_benchmark(sizes, methods=METHODS, device="cpu", tokens: int | None = None,
-                  eval_tokens: int | None = None) -> dict:
+                  eval_tokens: int | None = None, rank: int | None = None) -> dict:
     """``{layer: {method: {"rel_error", "seconds"}}}`` for the layer sets ``sizes``."""
     layers = []
     for size in sizes:
@@ -103,8 +106,8 @@ def run_benchmark(sizes, methods=METHODS, device="cpu", tokens: int | None = Non
     with tqdm(total=len(layers) * len(methods), desc="layers x methods") as progress:
         for size, layer in layers:
             default_tokens, default_eval = _DEFAULT_TOKENS[size]
-            results[layer.name] = _bench_layer(layer, methods, tokens or default_tokens,
-                                               eval_tokens or default_eval, device, progress)
+            results[layer.name] = _bench_layer(layer, methods, tokens or default_tokens, eval_tokens or default_eval,
+                                               device, rank or _DEFAULT_RANK[size], progress)
     return results
 
 
@@ -143,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192; tiny 1024)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4096; tiny 512)")
+    parser.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default 32; tiny 4)")
     parser.add_argument("--json", default=None, help="write the results as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -154,7 +158,7 @@ def main(argv=None) -> int:
         parser.error(f"--device {args.device}: CUDA is not available")
     sizes = [s for s in args.sizes.split(",") if s]
     try:
-        results = run_benchmark(sizes, methods, args.device, args.tokens, args.eval_tokens)
+        results = run_benchmark(sizes, methods, args.device, args.tokens, args.eval_tokens, args.rank)
     except ValueError as err:
         parser.error(str(err))
     print(format_table(results, methods))
