@@ -24,6 +24,7 @@ from .schedules import tokens_per_scale
 
 __all__ = [
     "FFN",
+    "BlockConstants",
     "CrossAttention",
     "CrossAttnBlock",
     "Infinity",
@@ -31,6 +32,7 @@ __all__ = [
     "TextConditioning",
     "TextContext",
     "block_causal_mask",
+    "enable_compile",
 ]
 
 COS_ATTN_MAX_LOG_SCALE = math.log(100.0)
@@ -145,6 +147,84 @@ class TextAttentivePool(nn.Module):
         return self.ca(text, context)
 
 
+# ------------------------------------------------------------------------------------------------ fused glue
+# Elementwise work between the linears, written as pure functions so that ``enable_compile`` can hand them to
+# torch.compile (one fused kernel each) while the linears stay plain, swappable modules called eagerly.
+
+
+def _adaln(x: torch.Tensor, scale1p: torch.Tensor, shift: torch.Tensor, eps: float, dtype: torch.dtype):
+    """``LN(x) * (1 + scale) + shift`` in float32, cast to the linears' dtype."""
+    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), scale1p).to(dtype)
+
+
+def _cos_attn_qkv(
+    qkv: torch.Tensor, bias: torch.Tensor, qk_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+):
+    """``mat_qkv`` output ``[bs, L, 3C]`` -> q, k (L2-normalised per head, q scaled, rotated) and v, each
+    ``[bs, H, L, c]`` in the input dtype. ``qk_scale [2, H, 1]`` holds the q scales and ones for k."""
+    bs, length, _ = qkv.shape
+    qkv = (qkv + bias).view(bs, length, 3, num_heads, -1)
+    qk = F.normalize(qkv[:, :, :2].float(), dim=-1) * qk_scale
+    qk = apply_rope(qk, cos[:, None, None, :], sin[:, None, None, :]).to(qkv.dtype)
+    return qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+
+
+def _residual(x: torch.Tensor, out: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x, out.float(), gamma)
+
+
+def _residual_then_ln(x, out, gamma, weight, bias, eps: float, dtype: torch.dtype):
+    """``x + out * gamma`` and its affine LayerNorm cast to ``dtype`` (input of the cross-attention)."""
+    x = torch.addcmul(x, out.float(), gamma)
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(dtype)
+
+
+def _residual_then_adaln(x, out, scale1p, shift, eps: float, dtype: torch.dtype):
+    """``x + out`` and its AdaLN-modulated LayerNorm cast to ``dtype`` (input of the FFN)."""
+    x = x + out.float()
+    return x, torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), scale1p).to(dtype)
+
+
+_EAGER_GLUE = {
+    "adaln": _adaln,
+    "cos_attn_qkv": _cos_attn_qkv,
+    "residual": _residual,
+    "residual_then_ln": _residual_then_ln,
+    "residual_then_adaln": _residual_then_adaln,
+}
+_glue = dict(_EAGER_GLUE)
+
+
+def enable_compile(enabled: bool = True, **compile_kwargs) -> None:
+    """Run the elementwise glue of every block through ``torch.compile`` (dynamic shapes: one graph serves all
+    scales), or back in eager mode. The linears and attention kernels are unaffected."""
+    _glue.clear()
+    if enabled:
+        options = {"dynamic": True, "fullgraph": True, **compile_kwargs}
+        _glue.update({name: torch.compile(fn, **options) for name, fn in _EAGER_GLUE.items()})
+    else:
+        _glue.update(_EAGER_GLUE)
+
+
+# ------------------------------------------------------------------------------------------------ blocks
+
+
+@dataclass
+class BlockConstants:
+    """Per-generation constants of one block (its parameters combined with the text's AdaLN modulation)."""
+
+    gamma1: torch.Tensor  # [bs, 1, C] float32
+    gamma2: torch.Tensor
+    scale1p: torch.Tensor  # 1 + scale1
+    scale2p: torch.Tensor
+    shift1: torch.Tensor
+    shift2: torch.Tensor
+    qkv_bias: torch.Tensor  # [3C] = [q_bias; 0; v_bias] in the block dtype
+    qk_scale: torch.Tensor  # [2, H, 1] float32: exp(min(s_h, ln 100)) for q, 1 for k
+    ca_norm_weight: torch.Tensor  # [C] float32
+    ca_norm_bias: torch.Tensor
+
+
 class SelfAttention(nn.Module):
     """Cos-attention with 2-D RoPE: q, k L2-normalised per head, q scaled by a learned per-head factor, softmax
     scale 1."""
@@ -159,18 +239,25 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def qkv_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(dtype)
+
+    def qk_scale(self) -> torch.Tensor:
+        q_scale = self.scale_mul_1H11.float().clamp_max(COS_ATTN_MAX_LOG_SCALE).exp().view(self.num_heads, 1)
+        return torch.stack((q_scale, torch.ones_like(q_scale)))
+
+    def qkv(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        qk_scale: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h [bs, L, C]`` -> q, k (normalised, scaled, rotated) and v, each ``[bs, H, L, c]`` in h's dtype."""
-        bs, length, _ = h.shape
         qkv = self.mat_qkv(h)
-        qkv = qkv + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(qkv.dtype)
-        q, k, v = qkv.view(bs, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        log_scale = self.scale_mul_1H11.float().clamp_max(COS_ATTN_MAX_LOG_SCALE)
-        q = F.normalize(q.float(), dim=-1) * log_scale.exp()
-        k = F.normalize(k.float(), dim=-1)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.to(h.dtype), k.to(h.dtype), v
+        bias = self.qkv_bias(qkv.dtype) if bias is None else bias
+        qk_scale = self.qk_scale() if qk_scale is None else qk_scale
+        return _glue["cos_attn_qkv"](qkv, bias.to(qkv.dtype), qk_scale, rope[0], rope[1], self.num_heads)
 
     def forward(
         self,
@@ -179,8 +266,12 @@ class SelfAttention(nn.Module):
         layer_cache: LayerKVCache | None = None,
         store: bool = True,
         attn_mask: torch.Tensor | None = None,
+        constants: BlockConstants | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv(h, rope)
+        if constants is None:
+            q, k, v = self.qkv(h, rope)
+        else:
+            q, k, v = self.qkv(h, rope, constants.qkv_bias, constants.qk_scale)
         if layer_cache is not None:
             out = layer_cache.attend(q, k, v, store=store)
         else:
@@ -256,6 +347,21 @@ class CrossAttnBlock(nn.Module):
         """Compute dtype of the block's linears and attention (the dtype its parameters are stored in)."""
         return self.ada_gss.dtype
 
+    def constants(self, gss: torch.Tensor) -> BlockConstants:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + gss).unbind(2)
+        return BlockConstants(
+            gamma1,
+            gamma2,
+            1 + scale1,
+            1 + scale2,
+            shift1,
+            shift2,
+            self.sa.qkv_bias(self.dtype),
+            self.sa.qk_scale(),
+            self.ca_norm.weight.float(),
+            self.ca_norm.bias.float(),
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -267,13 +373,18 @@ class CrossAttnBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype, eps = self.dtype, self.norm_eps
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + gss).unbind(2)
-        h = layer_norm(x, eps) * (1 + scale1) + shift1
-        x = x + self.sa(h.to(dtype), rope, layer_cache, store, attn_mask).float() * gamma1
-        h = F.layer_norm(x, (self.dim,), self.ca_norm.weight.float(), self.ca_norm.bias.float(), eps)
-        x = x + self.ca(h.to(dtype), text_ctx).float()
-        h = layer_norm(x, eps) * (1 + scale2) + shift2
-        return x + self.ffn(h.to(dtype)).float() * gamma2
+        memo = text_ctx.memo
+        if memo is None:
+            k = self.constants(gss)
+        else:
+            k = memo.get(id(self))
+            if k is None:
+                k = memo[id(self)] = self.constants(gss)
+        h = _glue["adaln"](x, k.scale1p, k.shift1, eps, dtype)
+        out = self.sa(h, rope, layer_cache, store, attn_mask, k)
+        x, h = _glue["residual_then_ln"](x, out, k.gamma1, k.ca_norm_weight, k.ca_norm_bias, eps, dtype)
+        x, h = _glue["residual_then_adaln"](x, self.ca(h, text_ctx), k.scale2p, k.shift2, eps, dtype)
+        return _glue["residual"](x, self.ffn(h), k.gamma2)
 
 
 class BlockChunk(nn.Module):
