@@ -115,7 +115,8 @@ def markdown_report(
         "## Table 1: input activations of the linear layers (mean / max across blocks)",
         "",
         "max/median = max|X| / median|X| over the whole input; kurtosis = Fisher excess kurtosis of the input;",
-        "per-channel = the highest max|X_c| / median|X_c| over the input channels c.",
+        "per-channel = the highest max|X_c| / median|X_c| over the input channels c (channels whose median is 0",
+        "are left out and counted in the per-layer table).",
         "",
     ]
     out += _table(
@@ -168,7 +169,17 @@ def markdown_report(
         )
     out += ["", "## Every linear layer", ""]
     out += _table(
-        ["Layer", "kind", "tokens", "sampled", "abs max", "max/median", "kurtosis", "per-channel max/median (channel)"],
+        [
+            "Layer",
+            "kind",
+            "tokens",
+            "sampled",
+            "abs max",
+            "max/median",
+            "kurtosis",
+            "per-channel max/median (channel)",
+            "zero-median channels",
+        ],
         (
             [
                 f"`{r['name']}`",
@@ -179,6 +190,7 @@ def markdown_report(
                 f(r["max_to_median"]),
                 f(r["kurtosis"]),
                 f"{f(r['channel_max_to_median_max'])} ({r['worst_channel']})",
+                f(r.get("num_zero_median_channels")),
             ]
             for r in linear_rows
         ),

@@ -408,6 +408,10 @@ class ActivationStats:
     """Outlier statistics of one linear layer's input.
 
     ``abs_max`` and ``kurtosis`` cover every token seen, medians the ``num_sampled`` sampled tokens.
+    ``channel_max_to_median_max`` / ``worst_channel`` are taken over the channels whose median |X| is not 0: a
+    channel that is exactly 0 for most tokens (e.g. GELU outputs that underflow in bfloat16) has an infinite
+    ratio that says nothing about its outliers; such channels are counted in ``num_zero_median_channels`` and
+    keep ``inf`` in ``channel_max_to_median``.
     """
 
     num_tokens: int
@@ -419,6 +423,7 @@ class ActivationStats:
     kurtosis: float
     channel_max_to_median_max: float
     worst_channel: int
+    num_zero_median_channels: int
     channel_abs_max: torch.Tensor = field(repr=False)
     channel_max_to_median: torch.Tensor = field(repr=False)
 
@@ -433,6 +438,7 @@ class ActivationStats:
             "kurtosis": self.kurtosis,
             "channel_max_to_median_max": self.channel_max_to_median_max,
             "worst_channel": self.worst_channel,
+            "num_zero_median_channels": self.num_zero_median_channels,
         }
 
 
@@ -475,8 +481,8 @@ class ActivationAccumulator:
         per_channel = _safe_divide(self.channel_abs_max, median(sample, dim=0)).cpu()
         channel_abs_max = self.channel_abs_max.cpu()
         del sample
-        finite_or_inf = torch.nan_to_num(per_channel, nan=-math.inf)
-        worst = int(torch.argmax(finite_or_inf).item())
+        finite = torch.isfinite(per_channel)
+        worst = int(torch.argmax(torch.where(finite, per_channel, -math.inf)).item())
         return ActivationStats(
             num_tokens=self.reservoir.seen,
             num_sampled=self.reservoir.rows.shape[0],
@@ -485,8 +491,9 @@ class ActivationAccumulator:
             abs_median=abs_median,
             max_to_median=_ratio(abs_max, abs_median),
             kurtosis=float(self.moments.excess_kurtosis()),
-            channel_max_to_median_max=per_channel[worst].item(),
+            channel_max_to_median_max=per_channel[worst].item() if finite.any() else math.nan,
             worst_channel=worst,
+            num_zero_median_channels=int((~finite).sum().item()),
             channel_abs_max=channel_abs_max,
             channel_max_to_median=per_channel,
         )

@@ -171,6 +171,7 @@ def _linear_row(name, kind, block, ratio, kurt, chan):
         "kurtosis": kurt,
         "channel_max_to_median_max": chan,
         "worst_channel": 0,
+        "num_zero_median_channels": 0,
     }
 
 

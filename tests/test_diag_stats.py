@@ -347,3 +347,20 @@ def test_kv_accumulator_token_driven_and_errors():
         acc.update(torch.randn(4, 31))
     with pytest.raises(ValueError, match="no data"):
         stats.KVAccumulator().result()
+
+
+def test_activation_accumulator_leaves_zero_median_channels_out_of_the_highest_ratio():
+    x = torch.from_numpy(DISTRIBUTIONS["laplace"].copy())
+    x[: x.shape[0] // 2 + 10, 4] = 0.0  # mostly exactly zero (GELU underflow in bfloat16)
+    x[:, 6] = 0.0  # dead channel: 0 / 0
+    acc = stats.ActivationAccumulator(token_budget=x.shape[0])
+    acc.update(x)
+    r = acc.result()
+    a = np.abs(x.numpy())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref = a.max(axis=0) / np.median(a, axis=0)
+    assert r.num_zero_median_channels == 2
+    assert math.isinf(r.channel_max_to_median[4]) and math.isnan(r.channel_max_to_median[6])
+    finite = np.isfinite(ref)
+    assert r.channel_max_to_median_max == pytest.approx(ref[finite].max(), rel=1e-12)
+    assert r.worst_channel == int(np.nanargmax(np.where(finite, ref, -np.inf)))
