@@ -38,14 +38,14 @@ def calibrated():
 
 def test_everything_off_is_the_float_linear(calibrated):
     linear, cfg, result, x = calibrated
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     module.smooth = module.lowrank = module.quant_weights = module.quant_inputs = False
     assert torch.equal(module(x), linear(x))
 
 
 def test_everything_on_is_the_manual_composition(calibrated):
     linear, cfg, result, x = calibrated
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     s = result.smooth_scale
     lin = result.linears[0]
     xs = x / s
@@ -60,7 +60,7 @@ def test_everything_on_is_the_manual_composition(calibrated):
 @pytest.mark.parametrize("smooth,lowrank,quant_weights,quant_inputs", itertools.product((False, True), repeat=4))
 def test_every_switch_combination_is_its_manual_composition(calibrated, smooth, lowrank, quant_weights, quant_inputs):
     linear, cfg, result, x = calibrated
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     module.smooth, module.lowrank, module.quant_weights, module.quant_inputs = smooth, lowrank, quant_weights, quant_inputs
     s = result.smooth_scale if smooth else torch.ones(48)
     l1, l2 = result.linears[0].lowrank_l1.float(), result.linears[0].lowrank_l2.float()
@@ -76,7 +76,7 @@ def test_every_switch_combination_is_its_manual_composition(calibrated, smooth, 
 
 def test_artifact_round_trip_with_packed_codes(calibrated):
     linear, cfg, result, x = calibrated
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     state, meta = module.artifact_state()
     assert state["qweight.codes"].dtype == torch.uint8 and state["qweight.codes"].shape == (40, 24)
     assert "weight" not in state
@@ -102,7 +102,7 @@ def test_static_inputs_and_uncalibrated_switches():
     cfg.smooth.enabled = cfg.low_rank.enabled = False
     result = calibrate_linear(linear.weight.detach(), None, x, cfg)
     assert result.input_scale.shape == (1, 2) and result.input_zero.dtype == torch.uint8
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     xq = fake_quantize(x, cfg.ipts, scale=result.input_scale, zero=result.input_zero)
     torch.testing.assert_close(module(x), xq @ result.linears[0].qweight.dequantize().T)
     state, meta = module.artifact_state()
@@ -114,7 +114,7 @@ def test_static_inputs_and_uncalibrated_switches():
 
 def test_bfloat16_forward_runs_in_the_input_dtype(calibrated):
     linear, cfg, result, x = calibrated
-    module = FakeQuantLinear.from_linear(linear, result, 0, cfg)
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
     y16 = module(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     y = module(x)

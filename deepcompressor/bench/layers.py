@@ -81,7 +81,7 @@ def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, 
         calib = calibrate_linear(weight, None, x_cal, cfg, name=f"{layer.name}/{method}")
         synchronize(device)
         seconds = time.perf_counter() - start
-        module = FakeQuantLinear.from_linear(linear, calib, 0, cfg, keep_float_weight=False, name=layer.name)
+        module = FakeQuantLinear.from_linear(linear, calib, cfg, keep_float_weight=False, name=layer.name)
         with torch.no_grad():
             rel = relative_error(module(x_eval), y_eval)
         results[method] = {"rel_error": rel, "seconds": seconds}

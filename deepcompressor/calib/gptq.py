@@ -122,6 +122,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, wcfg, gptq_cfg, *,
     column_group = (perm if perm is not None else torch.arange(in_features, device=W.device))
     column_group = ((column_group // k) if grouped else torch.zeros_like(column_group)).tolist()
 
+    # Parameters in the compute dtype (exact copies of the stored ones) so the column loop does no casts.
+    scale_c = scale.to(cdtype)
     U = _inverse_cholesky(H, gptq_cfg.damp, name)
     block_size = gptq_cfg.block_size
     if grouped and not static_params:
@@ -139,10 +141,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, wcfg, gptq_cfg, *,
                 ratio = clip_ratio[:, g:g + 1] if isinstance(clip_ratio, torch.Tensor) else clip_ratio
                 s_g, z_g = compute_qparams(W1[:, i:i + k].unsqueeze(1), spec, ratio)
                 scale[:, g:g + 1] = s_g
+                scale_c[:, g:g + 1] = s_g
                 if zero is not None:
                     zero[:, g:g + 1] = z_g
             col = W1[:, i].reshape(-1, 1, 1)
-            s_col = scale[:, g:g + 1]
+            s_col = scale_c[:, g:g + 1]
             z_col = None if zero is None else zero[:, g:g + 1]
             c = quantize_codes(col, s_col, z_col, spec)
             q = dequantize_codes(c, s_col, z_col)

@@ -75,6 +75,11 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"{name}: quantized weight shape {qweight.shape} != ({out_features}, {in_features})")
         self.wgts = wgts if wgts is not None and wgts.dtype is not None else None
         self.ipts = ipts if ipts is not None and ipts.dtype is not None else None
+        if qweight is not None and self.wgts is None:
+            raise ValueError(f"{name}: a quantized weight needs the weight quantizer config it was made with")
+        if qweight is not None and (qweight.dtype, qweight.group_size) != (self.wgts.dtype, self.wgts.group_size):
+            raise ValueError(f"{name}: quantized weight ({qweight.dtype}, group {qweight.group_size}) does not match "
+                             f"the weight quantizer ({self.wgts.dtype}, group {self.wgts.group_size})")
         if self.ipts is not None and getattr(self.ipts, "static", False) and input_scale is None:
             raise ValueError(f"{name}: static input quantization needs calibrated input_scale")
         self.register_buffer("weight", weight)
@@ -97,10 +102,10 @@ class FakeQuantLinear(nn.Module):
         self._main_cache: tuple | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, layer_result, index: int = 0, cfg=None, *,
-                    keep_float_weight: bool = True, name: str = "linear") -> FakeQuantLinear:
-        """Build from the calibrated ``LayerCalibResult`` (``index`` picks the linear of a group) and the
-        ``QuantConfig`` used for it."""
+    def from_linear(cls, linear: nn.Linear, layer_result, cfg, *, index: int = 0, keep_float_weight: bool = True,
+                    name: str = "linear") -> FakeQuantLinear:
+        """Build from the calibrated ``LayerCalibResult`` and the ``QuantConfig`` used for it (``index`` picks the
+        linear of a group that shares one input)."""
         result = layer_result.linears[index]
         weight = linear.weight.detach()
         to = {"device": weight.device}
@@ -113,7 +118,7 @@ class FakeQuantLinear(nn.Module):
             smooth_scale=None if s is None else s.to(**to),
             lowrank_l1=None if result.lowrank_l1 is None else result.lowrank_l1.to(**to),
             lowrank_l2=None if result.lowrank_l2 is None else result.lowrank_l2.to(**to),
-            wgts=None if cfg is None else cfg.wgts, ipts=None if cfg is None else cfg.ipts,
+            wgts=cfg.wgts, ipts=cfg.ipts,
             input_scale=None if layer_result.input_scale is None else layer_result.input_scale.to(**to),
             input_zero=None if layer_result.input_zero is None else layer_result.input_zero.to(**to),
             name=name,
