@@ -354,7 +354,9 @@ def select_token_sample(num_tokens: int, budget: int, seed: int = 0) -> torch.Te
 class TokenReservoir:
     """A fixed-size uniform sample of the rows of a stream of ``[tokens, C]`` batches, kept on the CPU.
 
-    Rows are stored in the dtype they arrive in. ``rows`` / ``indices`` are in key order, so they equal
+    Rows are stored in the dtype they arrive in, in a buffer of at most ``budget`` rows: an update only copies the
+    rows that enter the sample into the slots of the rows they evict (or into free slots), so its cost does not
+    grow with the sample. ``rows`` / ``indices`` are in key order, so they equal
     ``x[select_token_sample(len(x), budget, seed)]`` of the concatenated stream.
     """
 
@@ -364,39 +366,82 @@ class TokenReservoir:
         self.budget = budget
         self.seed = seed
         self.seen = 0
-        self._keys = torch.empty(0, dtype=torch.int64)
-        self._rows: torch.Tensor | None = None
+        self._count = 0  # filled slots
+        self._keys = torch.empty(0, dtype=torch.int64)  # [capacity], valid up to _count
+        self._buffer: torch.Tensor | None = None  # [capacity, C]
 
     def update(self, x: torch.Tensor) -> None:
         _check_matrix(x, "TokenReservoir.update")
-        if self._rows is not None and x.shape[1] != self._rows.shape[1]:
-            raise ValueError(f"TokenReservoir.update: {x.shape[1]} channels, expected {self._rows.shape[1]}")
+        if self._buffer is not None and x.shape[1] != self._buffer.shape[1]:
+            raise ValueError(f"TokenReservoir.update: {x.shape[1]} channels, expected {self._buffer.shape[1]}")
         keys = token_sample_keys(self.seen, x.shape[0], self.seed)
         self.seen += x.shape[0]
-        if self._keys.numel() >= self.budget:
-            candidates = torch.nonzero(keys < self._keys.max()).squeeze(1)
+        held = self._keys[: self._count]
+        if self._count >= self.budget:
+            candidates = torch.nonzero(keys < held.max()).squeeze(1)
         else:
             candidates = torch.arange(keys.numel())
         if candidates.numel() > self.budget:
             candidates = candidates[torch.topk(keys[candidates], self.budget, largest=False).indices]
         if candidates.numel() == 0:
             return
-        new_rows = x.index_select(0, candidates.to(x.device)).to("cpu")
-        keys = torch.cat([self._keys, keys[candidates]])
-        rows = new_rows if self._rows is None else torch.cat([self._rows, new_rows])
-        keep = torch.argsort(keys)[: self.budget]
-        self._keys, self._rows = keys[keep], rows[keep]
+        new_keys = keys[candidates]
+        merged = torch.cat([held, new_keys])
+        if merged.numel() <= self.budget:
+            entering = torch.arange(new_keys.numel())
+            slots = torch.arange(self._count, merged.numel())
+        else:
+            keep = torch.zeros(merged.numel(), dtype=torch.bool)
+            keep[torch.topk(merged, self.budget, largest=False).indices] = True
+            entering = torch.nonzero(keep[self._count :]).squeeze(1)
+            evicted = torch.nonzero(~keep[: self._count]).squeeze(1)
+            slots = torch.cat([torch.arange(self._count, self.budget), evicted])[: entering.numel()]
+        if entering.numel() == 0:
+            return
+        rows = x.index_select(0, candidates[entering].to(x.device)).to("cpu")
+        self._reserve(int(slots.max()) + 1, rows)
+        self._buffer[slots] = rows
+        self._keys[slots] = new_keys[entering]
+        self._count = max(self._count, int(slots.max()) + 1)
+
+    def _reserve(self, size: int, like: torch.Tensor) -> None:
+        """Grow the buffer (doubling, at most ``budget`` rows) so that it holds ``size`` rows."""
+        capacity = 0 if self._buffer is None else self._buffer.shape[0]
+        if size <= capacity:
+            return
+        new_capacity = min(self.budget, max(size, 2 * capacity))
+        buffer = like.new_empty(new_capacity, like.shape[1])
+        keys = torch.empty(new_capacity, dtype=torch.int64)
+        if self._count:
+            buffer[: self._count] = self._buffer[: self._count]
+            keys[: self._count] = self._keys[: self._count]
+        self._buffer, self._keys = buffer, keys
+
+    def _order(self) -> torch.Tensor:
+        if self._count == 0:
+            raise ValueError("TokenReservoir: no data")
+        return torch.argsort(self._keys[: self._count])
+
+    @property
+    def num_rows(self) -> int:
+        return self._count
+
+    @property
+    def unordered_rows(self) -> torch.Tensor:
+        """View of the sampled rows in storage order (enough for order-free statistics such as medians)."""
+        if self._count == 0:
+            raise ValueError("TokenReservoir: no data")
+        return self._buffer[: self._count]
 
     @property
     def rows(self) -> torch.Tensor:
-        if self._rows is None:
-            raise ValueError("TokenReservoir: no data")
-        return self._rows
+        """The sampled rows ``[min(budget, seen), C]`` in key order (a copy)."""
+        return self._buffer[self._order()]
 
     @property
     def indices(self) -> torch.Tensor:
-        """Running indices (in the stream) of the kept rows."""
-        return self._keys & (_MAX_TOKEN_INDEX - 1)
+        """Running indices (in the stream) of the sampled rows, in key order."""
+        return self._keys[self._order()] & (_MAX_TOKEN_INDEX - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +518,7 @@ class ActivationAccumulator:
             raise ValueError(f"{self.name or 'ActivationAccumulator'}: no data was recorded")
         # The medians are computed where the data came from (selection is much faster on a GPU).
         device = self.channel_abs_max.device
-        sample = self.reservoir.rows.to(device).abs()
+        sample = self.reservoir.unordered_rows.to(device).abs()
         if sample.dtype in (torch.float16, torch.bfloat16):
             sample = sample.float()
         abs_max = self.channel_abs_max.max().item()
@@ -485,7 +530,7 @@ class ActivationAccumulator:
         worst = int(torch.argmax(torch.where(finite, per_channel, -math.inf)).item())
         return ActivationStats(
             num_tokens=self.reservoir.seen,
-            num_sampled=self.reservoir.rows.shape[0],
+            num_sampled=self.reservoir.num_rows,
             channels=channel_abs_max.numel(),
             abs_max=abs_max,
             abs_median=abs_median,

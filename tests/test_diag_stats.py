@@ -244,6 +244,19 @@ def test_reservoir_equals_one_shot_sample_for_any_split(budget):
     assert res.rows.shape[0] == min(budget, 3000)
 
 
+def test_reservoir_with_many_small_batches_grows_and_evicts_correctly():
+    x = torch.randn(3000, 3)
+    expected = stats.select_token_sample(3000, 100, seed=9)
+    res = stats.TokenReservoir(100, seed=9)
+    for chunk in x.split(7):
+        res.update(chunk)
+    assert torch.equal(res.indices, expected) and torch.equal(res.rows, x[expected])
+    assert res.num_rows == 100 and res.unordered_rows.shape == (100, 3)
+    assert torch.equal(
+        res.unordered_rows[torch.argsort(res.unordered_rows[:, 0])], x[expected][torch.argsort(x[expected][:, 0])]
+    )
+
+
 def test_reservoir_sample_is_uniform_and_seeded():
     n, budget = 100_000, 4000
     idx = stats.select_token_sample(n, budget, seed=0).numpy()
