@@ -107,12 +107,16 @@ def median(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     n = x.shape[dim]
     if n == 0:
         raise ValueError("median of an empty tensor")
+    x = x.detach()
     x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    upper = torch.kthvalue(x, n // 2 + 1, dim=dim).values.double()
-    if n % 2:
-        return upper
-    lower = torch.kthvalue(x, n // 2, dim=dim).values.double()
-    return (lower + upper) / 2
+    middle = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+    if x.device.type == "cpu":
+        # NumPy's introselect is several times faster than torch.kthvalue on the CPU.
+        part = np.partition(x.numpy(), middle, axis=dim)
+        values = [torch.as_tensor(np.asarray(np.take(part, k, axis=dim), dtype=np.float64)) for k in middle]
+    else:
+        values = [torch.kthvalue(x, k + 1, dim=dim).values.double() for k in middle]
+    return values[0] if len(values) == 1 else (values[0] + values[1]) / 2
 
 
 def abs_max_to_median(x: torch.Tensor) -> float:
