@@ -119,3 +119,9 @@ def test_bfloat16_forward_runs_in_the_input_dtype(calibrated):
     assert y16.dtype == torch.bfloat16
     y = module(x)
     assert float((y16.float() - y).norm() / y.norm()) < 0.05
+
+
+def test_leading_dimensions_are_tokens(calibrated):
+    linear, cfg, result, x = calibrated
+    module = FakeQuantLinear.from_linear(linear, result, cfg)
+    torch.testing.assert_close(module(x.view(2, 64, 48)), module(x).view(2, 64, 40), rtol=0, atol=0)

@@ -110,26 +110,28 @@ def _validate_inputs(weights, biases, x, name):
 
 
 def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
-                      biases: Sequence[torch.Tensor | None] | None = None, name: str = "linear") -> LayerCalibResult:
+                      biases: Sequence[torch.Tensor | None] | None = None, name: str = "linear",
+                      device: torch.device | str | None = None) -> LayerCalibResult:
     """Calibrate the linears ``weights`` (each ``[out_i, in]``) that all read ``x [..., in]``.
 
     Args:
         cfg: ``QuantConfig`` (apply ``quant_config_for_kind`` first for per-kind skips).
         biases: Per weight bias or None (they only enter the reported relative errors).
         name: Layer name for logs and error messages.
+        device: Where to compute (default: the device of ``x``); results live there.
     """
     weights = list(weights)
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"{name}: {len(biases)} biases for {len(weights)} weights")
     _validate_inputs(weights, biases, x, name)
-    device = x.device
+    device = torch.device(device) if device is not None else x.device
     timer = StageTimer(device)
     wcfg, icfg = cfg.wgts, cfg.ipts
     quantize_weights = wcfg.dtype is not None
     quantize_acts = input_quantizer_enabled(icfg)
     with timer.stage("total"):
-        x = subsample_tokens(x, cfg.max_tokens).float()
+        x = subsample_tokens(x, cfg.max_tokens).to(device=device, dtype=torch.float32)
         weights = [w.to(device=device, dtype=torch.float32) for w in weights]
         biases = [None if b is None else b.to(device=device, dtype=torch.float32) for b in biases]
         y_refs = [x @ w.T for w in weights]
@@ -147,6 +149,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
             range_cfg = cfg.calib_range if cfg.calib_range.enabled else None
             input_scale, input_zero = calibrate_activation_range(xs, icfg, range_cfg, name=f"{name}.inputs")
         xq = quantize_inputs(xs, icfg, scale=input_scale, zero=input_zero)
+        xq_rtn = quantize_inputs(x, icfg)  # the round-to-nearest baseline quantizes the raw inputs
 
         results = []
         hessian = None
@@ -178,7 +181,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
                 y_ref_b = y_ref if bias is None else y_ref + bias
                 y_final = quantized_linear_output(xq, w_main, xs, l1f, l2f, bias)
                 w_rtn = fake_quantize(w, wcfg, check=False) if quantize_weights else w
-                y_rtn = quantized_linear_output(quantize_inputs(x, icfg), w_rtn, bias=bias)
+                y_rtn = quantized_linear_output(xq_rtn, w_rtn, bias=bias)
             results.append(LinearCalibResult(
                 qweight=qweight, lowrank_l1=l1, lowrank_l2=l2, clip_ratio=clip,
                 error_rtn=relative_error(y_rtn, y_ref_b), error_final=relative_error(y_final, y_ref_b),
@@ -193,6 +196,6 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
 
 
 def calibrate_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, cfg, *,
-                     name: str = "linear") -> LayerCalibResult:
+                     name: str = "linear", device: torch.device | str | None = None) -> LayerCalibResult:
     """``calibrate_linears`` for a single linear."""
-    return calibrate_linears([weight], x, cfg, biases=[bias], name=name)
+    return calibrate_linears([weight], x, cfg, biases=[bias], name=name, device=device)
