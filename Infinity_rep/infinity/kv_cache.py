@@ -59,6 +59,10 @@ class LayerKVCache:
         self._k = self._v = None
         self.length = 0
 
+    def rewind(self) -> None:
+        """Forget the content but keep the buffers (their addresses stay valid for replayed CUDA graphs)."""
+        self.length = 0
+
     def nbytes(self) -> int:
         if self._k is None:
             return 0

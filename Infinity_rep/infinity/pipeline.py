@@ -82,11 +82,12 @@ class GenerationResult:
 
 
 class InfinityPipeline:
-    def __init__(self, transformer: Infinity, vae, text_encoder, arch: InfinityArch) -> None:
+    def __init__(self, transformer: Infinity, vae, text_encoder, arch: InfinityArch, cuda_graphs: bool = False):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.arch = arch
+        self.cuda_graphs = cuda_graphs
 
     @property
     def device(self) -> torch.device:
@@ -108,8 +109,10 @@ class InfinityPipeline:
         pn: str | None = None,
         h_div_w: float = 1.0,
         return_logits: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> GenerationResult:
-        """Generate one image per prompt. ``pn`` defaults to the architecture's preset ('1M' for 2B/8B)."""
+        """Generate one image per prompt. ``pn`` defaults to the architecture's preset ('1M' for 2B/8B);
+        ``cuda_graphs`` defaults to the pipeline's setting (replay of per-scale CUDA graphs on GPU)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         schedule = get_scale_schedule(pn or self.arch.default_pn, h_div_w)
@@ -132,6 +135,7 @@ class InfinityPipeline:
             seed=seed,
             h_div_w=h_div_w,
             return_logits=return_logits,
+            cuda_graphs=self.cuda_graphs if cuda_graphs is None else cuda_graphs,
         )
         self._sync()
         timings["transformer"] = time.perf_counter() - start

@@ -14,11 +14,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .codes import accumulate_scale, bits_to_code_map, token_bits_to_vae_bits, vae_scale_schedule
-from .model import Infinity
+from .model import Infinity, TextConditioning, TextContext
 from .rope import rope_table
 from .schedules import scale_starts, tokens_per_scale
 
-__all__ = ["SampleResult", "filter_top_k_top_p_", "per_scale", "sample", "sample_bits"]
+__all__ = [
+    "CudaGraphStepper",
+    "SampleResult",
+    "ScaleStepper",
+    "cuda_graph_stepper",
+    "filter_top_k_top_p_",
+    "per_scale",
+    "sample",
+    "sample_bits",
+]
 
 
 @dataclass
@@ -74,6 +83,115 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch
     return drawn.view(batch, length, width // 2)
 
 
+class ScaleStepper:
+    """Runs one scale of the transformer: the scale's input tokens -> (final hidden state, raw logits of all rows).
+
+    Scale 0's input is the SOS token; scale ``si > 0`` embeds ``next_input [B, h w, d_vae]`` (repeated to both CFG
+    halves). The KV cache keeps every scale but the last.
+    """
+
+    def __init__(self, model: Infinity, text: TextConditioning, cache, scale_schedule, h_div_w, cfg_rows: bool):
+        self.model, self.text, self.cache, self.cfg_rows = model, text, cache, cfg_rows
+        self.blocks = model.blocks()
+        self.sizes = tokens_per_scale(scale_schedule)
+        self.starts = scale_starts(scale_schedule)
+        self.cos, self.sin = rope_table(model.arch.head_dim, scale_schedule, h_div_w, model.device)
+
+    def __call__(self, si: int, next_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        model, text = self.model, self.text
+        if si == 0:
+            x = model.sos(text.cond)
+        else:
+            x = model.word_embed(next_input)
+            if self.cfg_rows:
+                x = torch.cat((x, x))
+        x = x + model.lvl_embed.weight[si]
+        span = slice(self.starts[si], self.starts[si] + self.sizes[si])
+        rope = (self.cos[span], self.sin[span])
+        store = si < len(self.sizes) - 1
+        for block, layer_cache in zip(self.blocks, self.cache.layers):
+            x = block(x, text.gss, text.context, rope, layer_cache, store)
+        return x, model.logits(x, text.cond)
+
+
+class CudaGraphStepper:
+    """The scales of one (schedule, text lengths, CFG) configuration captured as CUDA graphs, one per scale.
+
+    Static inputs (pooled condition, AdaLN modulation, text memory, next-scale inputs) are copied in before the
+    replays; the KV cache, the per-generation block constants and the text keys/values live in the graphs' memory
+    and are recomputed by the replays. Requires a KV cache whose layers can ``rewind`` (keep their buffers).
+    """
+
+    def __init__(self, model: Infinity, lens: list[int], scale_schedule, h_div_w, cfg_rows: bool, batch: int):
+        device, arch = model.device, model.arch
+        sizes = tokens_per_scale(scale_schedule)
+        self.cond = torch.zeros(len(lens), arch.embed_dim, device=device)
+        self.gss = torch.zeros(len(lens), 1, 6, arch.embed_dim, device=device)
+        context = TextContext.build(torch.zeros(sum(lens), arch.embed_dim, device=device), lens)
+        context.memo = {}
+        self.text = TextConditioning(self.cond, self.gss, context)
+        self.next_inputs = [None] + [torch.zeros(batch, n, arch.d_vae, device=device) for n in sizes[1:]]
+        self.cache = model.kv_cache_factory(model)
+        if not all(hasattr(layer, "rewind") for layer in self.cache.layers):
+            raise TypeError("CUDA graphs need KV cache layers with rewind(); this cache factory has none")
+        if hasattr(self.cache, "reserve"):
+            self.cache.reserve(sum(sizes[:-1]))
+        self.eager = ScaleStepper(model, self.text, self.cache, scale_schedule, h_div_w, cfg_rows)
+        # Warm-up outside capture: allocates the cache, initialises library handles, compiles fused kernels.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for si in range(len(sizes)):
+                self.eager(si, self.next_inputs[si])
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self._rewind()
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs, self.outputs = [], []
+        for si in range(len(sizes)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.eager(si, self.next_inputs[si])
+            self.graphs.append(graph)
+            self.outputs.append(out)
+        self.kv_cache_bytes = self.cache.nbytes()
+
+    def _rewind(self) -> None:
+        for layer in self.cache.layers:
+            layer.rewind()
+        self.text.context.memo.clear()
+
+    def load(self, text: TextConditioning) -> None:
+        self.cond.copy_(text.cond)
+        self.gss.copy_(text.gss)
+        self.text.context.ca_kv.copy_(text.context.ca_kv)
+
+    def __call__(self, si: int, next_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if si > 0:
+            self.next_inputs[si].copy_(next_input)
+        self.graphs[si].replay()
+        return self.outputs[si]
+
+
+def _graph_key(model: Infinity, lens, scale_schedule, h_div_w, cfg_rows: bool) -> tuple:
+    # Any swapped module or re-materialised tensor changes the key, so stale graphs are never replayed.
+    tensors = tuple(t.data_ptr() for t in model.state_dict(keep_vars=True).values())
+    modules = tuple(id(m) for m in model.modules())
+    schedule = tuple(tuple(int(v) for v in s) for s in scale_schedule)
+    return (schedule, h_div_w, tuple(lens), cfg_rows, id(model.kv_cache_factory), tensors, modules)
+
+
+def cuda_graph_stepper(model: Infinity, lens, scale_schedule, h_div_w, cfg_rows: bool, batch: int):
+    """The cached graphs of this configuration (captured on first use; one configuration is kept per model)."""
+    key = _graph_key(model, lens, scale_schedule, h_div_w, cfg_rows)
+    cached = getattr(model, "_cuda_graph_stepper", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    model._cuda_graph_stepper = None
+    stepper = CudaGraphStepper(model, lens, scale_schedule, h_div_w, cfg_rows, batch)
+    model._cuda_graph_stepper = (key, stepper)
+    return stepper
+
+
 @torch.no_grad()
 def sample(
     model: Infinity,
@@ -89,12 +207,14 @@ def sample(
     h_div_w: float | None = None,
     return_logits: bool = False,
     on_scale: Callable[[int, torch.Tensor], None] | None = None,
+    cuda_graphs: bool = False,
 ) -> SampleResult:
     """Generate the bits of every scale for ``B = len(lens)`` prompts.
 
     ``kv_compact [N, Ct5]`` are the packed text features of the prompts (``lens[b]`` rows each). The unconditional
     rows of the CFG batch come from the model's learned ``cfg_uncond``. ``seed`` seeds a dedicated generator on the
     model's device (None: the global RNG). ``on_scale(si, x)`` is called with the final hidden state of each scale.
+    ``cuda_graphs`` (CUDA only) replays per-scale CUDA graphs captured on the first call of a configuration.
     """
     arch = model.arch
     num_scales = len(scale_schedule)
@@ -109,38 +229,34 @@ def sample(
         kv_compact = torch.cat((kv_compact, model.uncond_text(lens).float()))
         lens = list(lens) + list(lens)
     text = model.encode_text(kv_compact, lens)
-    context = text.context
-    context.memo = {}
 
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
 
-    sizes = tokens_per_scale(scale_schedule)
-    starts = scale_starts(scale_schedule)
-    cos, sin = rope_table(arch.head_dim, scale_schedule, h_div_w, device)
     vae_grids = vae_scale_schedule(scale_schedule, arch.patchify)
-    blocks = model.blocks()
-    cache = model.kv_cache_factory(model)
-    if hasattr(cache, "reserve"):
-        cache.reserve(sum(sizes[:-1]))
+    graphed = cuda_graphs and device.type == "cuda"
+    if graphed:
+        step = cuda_graph_stepper(model, lens, scale_schedule, h_div_w, use_cfg, batch)
+        step.load(text)
+        cache = None
+    else:
+        cache = model.kv_cache_factory(model)
+        if hasattr(cache, "reserve"):
+            cache.reserve(sum(tokens_per_scale(scale_schedule)[:-1]))
+        text.context.memo = {}
+        step = ScaleStepper(model, text, cache, scale_schedule, h_div_w, use_cfg)
 
     result = SampleResult(summed_codes=None, bits=[])
-    summed = None
-    x = model.sos(text.cond)
+    summed, next_input = None, None
     try:
         for si, (_, h, w) in enumerate(scale_schedule):
-            last = si == num_scales - 1
-            x = x + model.lvl_embed.weight[si]
-            rope = (cos[starts[si] : starts[si] + sizes[si]], sin[starts[si] : starts[si] + sizes[si]])
-            for block, layer_cache in zip(blocks, cache.layers):
-                x = block(x, text.gss, context, rope, layer_cache, not last)
+            x, logits = step(si, next_input)
             if on_scale is not None:
                 on_scale(si, x)
-            logits = model.logits(x, text.cond)
             if return_logits:
-                result.logits.append(logits)
+                result.logits.append(logits.clone() if graphed else logits)
             mixed = logits.mul(1.0 / tau_list[si])
             if use_cfg:
                 mixed = (
@@ -154,12 +270,10 @@ def sample(
             summed, next_input = accumulate_scale(summed, bits_to_code_map(vae_bits), si, vae_grids, arch.patchify)
             if next_input is not None:
                 result.next_inputs.append(next_input)
-                x = model.word_embed(next_input)
-                if use_cfg:
-                    x = torch.cat((x, x))
-        result.kv_cache_bytes = cache.nbytes()
+        result.kv_cache_bytes = step.kv_cache_bytes if graphed else cache.nbytes()
     finally:
-        cache.reset()
-        context.memo = None
+        if cache is not None:
+            cache.reset()
+        text.context.memo = None
     result.summed_codes = summed
     return result

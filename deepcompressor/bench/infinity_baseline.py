@@ -49,6 +49,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=False,
         help="torch.compile the blocks' elementwise glue (compilation happens in the warm-up)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Replay per-scale CUDA graphs of the transformer (GPU only)",
+    )
+    parser.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=("auto", "flash", "cudnn", "efficient"),
+        help="Restrict scaled_dot_product_attention to one backend",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="Before timing, compare the eager float path with the configured fast path",
+    )
     parser.add_argument("--pn", default=None, help="Resolution preset (default: 1M for 2b/8b, 0.06M for tiny)")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--tau", type=float, default=1.0)
@@ -99,11 +116,23 @@ def run(args: argparse.Namespace) -> dict:
     schedule = get_scale_schedule(pn, 1.0)
     resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     enable_compile(args.compile)
+    graphs = bool(args.cuda_graphs and device.type == "cuda")
 
-    def generate():
-        return pipe.generate(
-            [args.prompt], seed=args.seed, cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, pn=pn
-        )
+    def generate(cuda_graphs: bool = graphs, return_logits: bool = False):
+        with _sdpa_backend(args.sdpa):
+            return pipe.generate(
+                [args.prompt],
+                seed=args.seed,
+                cfg=args.cfg,
+                tau=args.tau,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                pn=pn,
+                cuda_graphs=cuda_graphs,
+                return_logits=return_logits,
+            )
+
+    verification = _verify(generate, graphs, args.compile) if args.verify else None
 
     warmup_seconds = []
     for _ in range(args.warmup):
@@ -128,6 +157,9 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "compile": bool(args.compile),
+        "cuda_graphs": graphs,
+        "sdpa": args.sdpa,
+        "verification": verification,
         "pn": pn,
         "image_hw": image_hw,
         "tokens": sum(tokens_per_scale(schedule)),
@@ -142,6 +174,47 @@ def run(args: argparse.Namespace) -> dict:
         "resident_after_load_gib": resident_gib,
         "kv_cache_gib": result.sample.kv_cache_bytes / 2**30,
         "upstream_h100": UPSTREAM_H100.get(args.arch),
+    }
+
+
+def _sdpa_backend(name: str):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel([backends[name]])
+
+
+def _verify(generate, graphs: bool, compiled: bool) -> dict:
+    """Same seed through two paths that must agree: with CUDA graphs, graph replay against the same kernels run
+    eagerly (expected identical); otherwise the compiled glue against plain eager (rounding-level differences)."""
+    from infinity.model import enable_compile
+
+    if graphs:
+        ref = generate(cuda_graphs=False, return_logits=True).sample
+        generate(cuda_graphs=True)  # captures
+        fast = generate(cuda_graphs=True, return_logits=True).sample
+        what = "cuda graphs vs eager"
+    else:
+        enable_compile(False)
+        ref = generate(cuda_graphs=False, return_logits=True).sample
+        enable_compile(compiled)
+        fast = generate(cuda_graphs=False, return_logits=True).sample
+        what = f"compile={compiled} vs eager"
+    diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(ref.logits, fast.logits)]
+    flips = [int((a != b).sum()) for a, b in zip(ref.bits, fast.bits)]
+    total = int(sum(b.numel() for b in ref.bits))
+    logger.info("verify %s: logits diff %s, bit mismatches %s", what, [f"{d:.2e}" for d in diffs], flips)
+    return {
+        "compared": what,
+        "max_abs_logit_diff_per_scale": diffs,
+        "bit_mismatches_per_scale": flips,
+        "total_bits": total,
     }
 
 
@@ -164,7 +237,8 @@ def format_table(res: dict) -> str:
     lines = [
         (
             f"Infinity-{res['arch']} {res['image_hw'][0]}x{res['image_hw'][1]} ({res['tokens']} tokens), "
-            f"{res['device']}, {res['dtype']}, compile={res['compile']}, cfg {res['cfg']}, median of {len(res['runs'])}"
+            f"{res['device']}, {res['dtype']}, compile={res['compile']}, graphs={res['cuda_graphs']}, "
+            f"sdpa={res['sdpa']}, cfg {res['cfg']}, median of {len(res['runs'])}"
         ),
         f"{'stage':<14} {'seconds':>9} {'upstream':>9} {'ratio':>7}",
     ]
@@ -177,6 +251,12 @@ def format_table(res: dict) -> str:
     up_mem = ref.get("peak_gib")
     mem_ratio = f" (upstream {up_mem:.1f} GiB, ratio {res['peak_memory_gib'] / up_mem:.2f})" if up_mem else ""
     lines.append(f"peak memory ({res['peak_memory_kind']}): {res['peak_memory_gib']:.2f} GiB{mem_ratio}")
+    if res["verification"]:
+        v = res["verification"]
+        lines.append(
+            f"verify ({v['compared']}): max |dlogit| {max(v['max_abs_logit_diff_per_scale']):.3g}, "
+            f"bit mismatches {sum(v['bit_mismatches_per_scale'])} of {v['total_bits']}"
+        )
     lines.append(
         f"KV cache: {res['kv_cache_gib']:.2f} GiB; build {res['build_seconds']:.1f} s; "
         f"warm-up {', '.join(f'{s:.1f}' for s in res['warmup_seconds'])} s"
