@@ -46,14 +46,18 @@ def plot_depth_profiles(
     """Two panels across depth: (a) FFN down-projection outlier severity, (b) maximum K/V channel skewness."""
     fig = Figure(figsize=(10, 3.6))
     ax_a, ax_b = fig.subplots(1, 2)
-    ax_a.plot(blocks, _finite(ffn_down_channel_ratio), "o-", color="tab:red", label="highest per-channel max/median")
-    ax_a.plot(blocks, _finite(ffn_down_ratio), "s--", color="tab:gray", label="max/median (whole input)")
+    ax_a.plot(
+        blocks, _finite(ffn_down_ratio), "s-", color="tab:red", label="max$_c$ max|X$_c$| / median|X| (whole input)"
+    )
+    ax_a.plot(
+        blocks, _finite(ffn_down_channel_ratio), "o--", color="tab:gray", label="max$_c$ (max|X$_c$| / median|X$_c$|)"
+    )
     ax_a.set_yscale("log")
     ax_a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_a.set_xlabel("block")
     ax_a.set_ylabel("max|X| / median|X|")
     ax_a.set_title("(a) FFN down-projection input outliers")
-    ax_a.legend(fontsize=8)
+    ax_a.legend(fontsize=7, loc="best")
     ax_a.grid(True, which="both", alpha=0.3)
     ax_b.plot(kv_blocks, _finite(key_max_skew), "o-", color="tab:blue", label="keys")
     ax_b.plot(kv_blocks, _finite(value_max_skew), "s--", color="tab:green", label="values")
