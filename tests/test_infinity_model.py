@@ -307,3 +307,36 @@ def test_arch_presets_are_consistent():
     assert get_arch("8b").mlp_hidden == 14336 and get_arch("2b").mlp_hidden == 8192
     with pytest.raises(ValueError, match="unknown"):
         get_arch("3b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_qkv_kernel_matches_torch_reference(dtype):
+    """The Triton kernel (run by the Triton interpreter on the CPU here) against the torch glue it replaces."""
+    from infinity.kernels import cos_attn_qkv_triton
+    from infinity.model import _cos_attn_qkv
+
+    gen = torch.Generator().manual_seed(0)
+    bs, length, heads, c = 2, 6, 3, 32
+    qkv = torch.randn(bs, length, 3 * heads * c, generator=gen).to(dtype)
+    bias = torch.randn(3 * heads * c, generator=gen).to(dtype)
+    scale = torch.stack((torch.rand(heads, 1, generator=gen) * 20, torch.ones(heads, 1)))
+    angles = torch.rand(length, c // 2, generator=gen, dtype=torch.float64) * 6
+    cos, sin = angles.cos().float(), angles.sin().float()
+    got = cos_attn_qkv_triton(qkv, bias, scale, cos, sin, heads)
+    ref = _cos_attn_qkv(qkv, bias, scale, cos, sin, heads)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for g, r, name in zip(got, ref, "qkv"):
+        assert g.shape == (bs, heads, length, c) and g.is_contiguous(), name
+        torch.testing.assert_close(g.float(), r.float(), atol=tol * 20, rtol=tol, msg=name)
+
+
+def test_kv_cache_reserved_room_serves_the_last_scale():
+    gen = torch.Generator().manual_seed(1)
+    plain, roomy = LayerKVCache(), LayerKVCache(capacity=12)
+    for n in (1, 4):
+        q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for _ in range(3))
+        plain.attend(q, k, v, store=True)
+        roomy.attend(q, k, v, store=True)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=gen) for _ in range(3))
+    torch.testing.assert_close(roomy.attend(q, k, v, store=False), plain.attend(q, k, v, store=False))
+    assert roomy.length == 5 and roomy.nbytes() == 2 * 2 * 12 * 8 * 4

@@ -4,7 +4,8 @@ Each block keeps the (cos-normalised, rotated) keys and the values of every earl
 current scale attend to all of them plus the current scale's own tokens, without a mask. The plain cache keeps
 them in the blocks' dtype in a buffer preallocated for the whole generation (``reserve``) and written in place,
 so no per-scale concatenation of the growing prefix happens. The last scale is never stored (``store=False``):
-nothing reads it again.
+nothing reads it again; if room was reserved for it the buffer tail serves as scratch, otherwise it is
+concatenated to the prefix for its own attention only.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class LayerKVCache:
         if store:
             self._append(k, v)
             keys, values = self.prefix
+        elif self._k is not None and self.length + k.shape[2] <= self._k.shape[2]:
+            # Room reserved past the prefix: use it as scratch (no concatenation), the length stays.
+            end = self.length + k.shape[2]
+            self._k[:, :, self.length : end] = k
+            self._v[:, :, self.length : end] = v
+            keys, values = self._k[:, :, :end], self._v[:, :, :end]
         elif self.length:
             prefix_k, prefix_v = self.prefix
             keys = torch.cat((prefix_k, k.to(prefix_k.dtype)), dim=2)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import InfinityArch, get_arch
+from .kernels import cos_attn_qkv_triton, use_triton
 from .kv_cache import LayerKVCache, default_kv_cache_factory
 from .rope import apply_rope, rope_table
 from .schedules import tokens_per_scale
@@ -257,6 +258,8 @@ class SelfAttention(nn.Module):
         qkv = self.mat_qkv(h)
         bias = self.qkv_bias(qkv.dtype) if bias is None else bias
         qk_scale = self.qk_scale() if qk_scale is None else qk_scale
+        if use_triton(qkv):
+            return cos_attn_qkv_triton(qkv, bias, qk_scale, rope[0], rope[1], self.num_heads)
         return _glue["cos_attn_qkv"](qkv, bias.to(qkv.dtype), qk_scale, rope[0], rope[1], self.num_heads)
 
     def forward(

@@ -82,12 +82,21 @@ class GenerationResult:
 
 
 class InfinityPipeline:
-    def __init__(self, transformer: Infinity, vae, text_encoder, arch: InfinityArch, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        transformer: Infinity,
+        vae,
+        text_encoder,
+        arch: InfinityArch,
+        cuda_graphs: bool = False,
+        kv_reserve_last: bool = False,
+    ):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
         self.arch = arch
         self.cuda_graphs = cuda_graphs
+        self.kv_reserve_last = kv_reserve_last
 
     @property
     def device(self) -> torch.device:
@@ -136,6 +145,7 @@ class InfinityPipeline:
             h_div_w=h_div_w,
             return_logits=return_logits,
             cuda_graphs=self.cuda_graphs if cuda_graphs is None else cuda_graphs,
+            kv_reserve_last=self.kv_reserve_last,
         )
         self._sync()
         timings["transformer"] = time.perf_counter() - start

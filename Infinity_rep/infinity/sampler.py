@@ -102,7 +102,8 @@ class ScaleStepper:
         if si == 0:
             x = model.sos(text.cond)
         else:
-            x = model.word_embed(next_input)
+            # Contiguous so that eager runs and graph replays (which copy into a static buffer) share GEMM kernels.
+            x = model.word_embed(next_input.contiguous())
             if self.cfg_rows:
                 x = torch.cat((x, x))
         x = x + model.lvl_embed.weight[si]
@@ -122,7 +123,16 @@ class CudaGraphStepper:
     and are recomputed by the replays. Requires a KV cache whose layers can ``rewind`` (keep their buffers).
     """
 
-    def __init__(self, model: Infinity, lens: list[int], scale_schedule, h_div_w, cfg_rows: bool, batch: int):
+    def __init__(
+        self,
+        model: Infinity,
+        lens: list[int],
+        scale_schedule,
+        h_div_w,
+        cfg_rows: bool,
+        batch: int,
+        reserve_last: bool = False,
+    ):
         device, arch = model.device, model.arch
         sizes = tokens_per_scale(scale_schedule)
         self.cond = torch.zeros(len(lens), arch.embed_dim, device=device)
@@ -135,7 +145,7 @@ class CudaGraphStepper:
         if not all(hasattr(layer, "rewind") for layer in self.cache.layers):
             raise TypeError("CUDA graphs need KV cache layers with rewind(); this cache factory has none")
         if hasattr(self.cache, "reserve"):
-            self.cache.reserve(sum(sizes[:-1]))
+            self.cache.reserve(sum(sizes) if reserve_last else sum(sizes[:-1]))
         self.eager = ScaleStepper(model, self.text, self.cache, scale_schedule, h_div_w, cfg_rows)
         # Warm-up outside capture: allocates the cache, initialises library handles, compiles fused kernels.
         stream = torch.cuda.Stream(device)
@@ -180,14 +190,16 @@ def _graph_key(model: Infinity, lens, scale_schedule, h_div_w, cfg_rows: bool) -
     return (schedule, h_div_w, tuple(lens), cfg_rows, id(model.kv_cache_factory), tensors, modules)
 
 
-def cuda_graph_stepper(model: Infinity, lens, scale_schedule, h_div_w, cfg_rows: bool, batch: int):
+def cuda_graph_stepper(
+    model: Infinity, lens, scale_schedule, h_div_w, cfg_rows: bool, batch: int, reserve_last: bool = False
+):
     """The cached graphs of this configuration (captured on first use; one configuration is kept per model)."""
-    key = _graph_key(model, lens, scale_schedule, h_div_w, cfg_rows)
+    key = (_graph_key(model, lens, scale_schedule, h_div_w, cfg_rows), reserve_last)
     cached = getattr(model, "_cuda_graph_stepper", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     model._cuda_graph_stepper = None
-    stepper = CudaGraphStepper(model, lens, scale_schedule, h_div_w, cfg_rows, batch)
+    stepper = CudaGraphStepper(model, lens, scale_schedule, h_div_w, cfg_rows, batch, reserve_last)
     model._cuda_graph_stepper = (key, stepper)
     return stepper
 
@@ -208,6 +220,7 @@ def sample(
     return_logits: bool = False,
     on_scale: Callable[[int, torch.Tensor], None] | None = None,
     cuda_graphs: bool = False,
+    kv_reserve_last: bool = False,
 ) -> SampleResult:
     """Generate the bits of every scale for ``B = len(lens)`` prompts.
 
@@ -215,6 +228,7 @@ def sample(
     rows of the CFG batch come from the model's learned ``cfg_uncond``. ``seed`` seeds a dedicated generator on the
     model's device (None: the global RNG). ``on_scale(si, x)`` is called with the final hidden state of each scale.
     ``cuda_graphs`` (CUDA only) replays per-scale CUDA graphs captured on the first call of a configuration.
+    ``kv_reserve_last`` preallocates KV-cache room for the last scale too (more memory, no concatenation).
     """
     arch = model.arch
     num_scales = len(scale_schedule)
@@ -238,13 +252,14 @@ def sample(
     vae_grids = vae_scale_schedule(scale_schedule, arch.patchify)
     graphed = cuda_graphs and device.type == "cuda"
     if graphed:
-        step = cuda_graph_stepper(model, lens, scale_schedule, h_div_w, use_cfg, batch)
+        step = cuda_graph_stepper(model, lens, scale_schedule, h_div_w, use_cfg, batch, kv_reserve_last)
         step.load(text)
         cache = None
     else:
         cache = model.kv_cache_factory(model)
         if hasattr(cache, "reserve"):
-            cache.reserve(sum(tokens_per_scale(scale_schedule)[:-1]))
+            sizes = tokens_per_scale(scale_schedule)
+            cache.reserve(sum(sizes) if kv_reserve_last else sum(sizes[:-1]))
         text.context.memo = {}
         step = ScaleStepper(model, text, cache, scale_schedule, h_div_w, use_cfg)
 

@@ -66,6 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Before timing, compare the eager float path with the configured fast path",
     )
+    parser.add_argument(
+        "--kv-reserve-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Preallocate KV-cache room for the last scale (more memory, no concatenation)",
+    )
+    parser.add_argument(
+        "--triton",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Fused Triton kernel for bias + cos-normalisation + RoPE of q/k (GPU)",
+    )
     parser.add_argument("--pn", default=None, help="Resolution preset (default: 1M for 2b/8b, 0.06M for tiny)")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--tau", type=float, default=1.0)
@@ -102,6 +114,7 @@ def _write_json(path: str, payload: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from infinity.checkpoints import resolve_device, resolve_dtype
+    from infinity.kernels import set_triton_enabled
     from infinity.model import enable_compile
     from infinity.pipeline import load_pipeline
     from infinity.schedules import get_scale_schedule, tokens_per_scale
@@ -116,6 +129,8 @@ def run(args: argparse.Namespace) -> dict:
     schedule = get_scale_schedule(pn, 1.0)
     resident_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     enable_compile(args.compile)
+    set_triton_enabled(args.triton)
+    pipe.kv_reserve_last = args.kv_reserve_last
     graphs = bool(args.cuda_graphs and device.type == "cuda")
 
     def generate(cuda_graphs: bool = graphs, return_logits: bool = False):
@@ -158,6 +173,8 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "compile": bool(args.compile),
         "cuda_graphs": graphs,
+        "triton": bool(args.triton),
+        "kv_reserve_last": bool(args.kv_reserve_last),
         "sdpa": args.sdpa,
         "verification": verification,
         "pn": pn,
@@ -238,6 +255,7 @@ def format_table(res: dict) -> str:
         (
             f"Infinity-{res['arch']} {res['image_hw'][0]}x{res['image_hw'][1]} ({res['tokens']} tokens), "
             f"{res['device']}, {res['dtype']}, compile={res['compile']}, graphs={res['cuda_graphs']}, "
+            f"triton={res['triton']}, kv_reserve_last={res['kv_reserve_last']}, "
             f"sdpa={res['sdpa']}, cfg {res['cfg']}, median of {len(res['runs'])}"
         ),
         f"{'stage':<14} {'seconds':>9} {'upstream':>9} {'ratio':>7}",
