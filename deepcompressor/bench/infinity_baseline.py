@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Before timing, compare the eager float path with the configured fast path",
     )
     parser.add_argument(
+        "--compile-vae",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the VAE decoder (compilation happens in the warm-up)",
+    )
+    parser.add_argument(
         "--kv-reserve-last",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -131,6 +137,8 @@ def run(args: argparse.Namespace) -> dict:
     enable_compile(args.compile)
     set_triton_enabled(args.triton)
     pipe.kv_reserve_last = args.kv_reserve_last
+    if args.compile_vae:
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
     graphs = bool(args.cuda_graphs and device.type == "cuda")
 
     def generate(cuda_graphs: bool = graphs, return_logits: bool = False):
@@ -175,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
         "cuda_graphs": graphs,
         "triton": bool(args.triton),
         "kv_reserve_last": bool(args.kv_reserve_last),
+        "compile_vae": bool(args.compile_vae),
         "sdpa": args.sdpa,
         "verification": verification,
         "pn": pn,
@@ -255,7 +264,7 @@ def format_table(res: dict) -> str:
         (
             f"Infinity-{res['arch']} {res['image_hw'][0]}x{res['image_hw'][1]} ({res['tokens']} tokens), "
             f"{res['device']}, {res['dtype']}, compile={res['compile']}, graphs={res['cuda_graphs']}, "
-            f"triton={res['triton']}, kv_reserve_last={res['kv_reserve_last']}, "
+            f"triton={res['triton']}, kv_reserve_last={res['kv_reserve_last']}, compile_vae={res['compile_vae']}, "
             f"sdpa={res['sdpa']}, cfg {res['cfg']}, median of {len(res['runs'])}"
         ),
         f"{'stage':<14} {'seconds':>9} {'upstream':>9} {'ratio':>7}",
