@@ -197,11 +197,12 @@ _glue = dict(_EAGER_GLUE)
 
 
 def enable_compile(enabled: bool = True, **compile_kwargs) -> None:
-    """Run the elementwise glue of every block through ``torch.compile`` (dynamic shapes: one graph serves all
-    scales), or back in eager mode. The linears and attention kernels are unaffected."""
+    """Run the elementwise glue of every block through ``torch.compile``, or back in eager mode. The default
+    automatic-dynamic mode keeps the width static (vectorised kernels) and makes the token count dynamic after the
+    second scale, so a handful of graphs serve all scales. The linears and attention kernels are unaffected."""
     _glue.clear()
     if enabled:
-        options = {"dynamic": True, "fullgraph": True, **compile_kwargs}
+        options = {"dynamic": None, "fullgraph": True, **compile_kwargs}
         _glue.update({name: torch.compile(fn, **options) for name, fn in _EAGER_GLUE.items()})
     else:
         _glue.update(_EAGER_GLUE)
