@@ -1,22 +1,340 @@
-"""Post-training quantization of an Infinity model.
+"""Post-training quantization of an Infinity model (SVDQuant-style W4A4 of the transformer blocks).
 
     python -m deepcompressor.app.diffusion.ptq_infinity configs/models/infinity-tiny.yaml \
         configs/collect/qdiff.yaml configs/svdquant/int4.yaml [flags] [--dump-config]
+
+Steps (each logged, with progress bars; the log also goes to ``<run dir>/ptq.log``):
+
+1. build the model (``pipeline``) and load the calibration prompts (``collect``) and held-out prompts (``eval``);
+2. capture the calibration data with the full-precision model, or reuse it from ``collect.cache_dir``
+   (``capture``);
+3. generate the held-out prompts with the full-precision model (the fidelity reference);
+4. calibrate and quantize the blocks one after the other (``calibrate_blocks``); every finished block is saved to
+   ``<run dir>/state/block_XXX.pt``, so a killed run continues from its last finished block
+   (``output.resume``; the state is tied to the model, calibration data and ``quant`` settings);
+5. write the artifacts (``artifacts``), the fidelity report (``fidelity``) and the manifest, then print
+   ``artifacts: <run dir>``.
+
+Only the transformer blocks' linears are quantized; the other layer kinds (embed, adaln, text_proj, head) must
+stay in ``quant.wgts.skips``.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from deepcompressor.config import parse_cli
+import torch
+from tqdm import tqdm
+
+from ...config import config_to_dict, parse_cli, run_dir
+from ...config.schema import RunConfig
+from ...nn.layer_map import BLOCK_LAYERS, OTHER_LAYERS, layer_kind
+from .artifacts import write_artifacts, write_manifest
+from .calibrate_blocks import (
+    ReplayPlan,
+    SampleSelection,
+    calibrate_block,
+    install_block_state,
+    replay_block,
+    validate_block_state,
+)
+from .capture import CaptureSettings, load_or_capture, load_prompt_set, model_identity
+from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
+from .files import load_pt, save_pt, sha256_json, to_cpu, write_json, write_text
+
+__all__ = ["PROG", "PTQError", "PTQResult", "main", "run_ptq"]
 
 PROG = "ptq_infinity"
+STATE_FORMAT = "var-compressor-ptq-state/1"
+LOG_FILE = "ptq.log"
+logger = logging.getLogger(__name__)
+
+
+class PTQError(RuntimeError):
+    """A run that cannot proceed (mismatched state, unsupported settings); the message says what to do."""
+
+
+@dataclass
+class PTQResult:
+    """Outcome of :func:`run_ptq`.
+
+    Attributes:
+        directory: The run (and artifact) directory.
+        complete: Whether every block was calibrated and the artifacts were written.
+        blocks_calibrated: Blocks calibrated by this call (not loaded from an earlier run's state).
+        timings: Seconds: ``load``, ``collect``, ``reference``, ``resume_replay``, ``blocks`` (per block, this call),
+            ``artifacts``, ``fidelity``, ``total``.
+        sizes: Artifact sizes (complete runs).
+        fidelity: The fidelity report (complete runs).
+    """
+
+    directory: Path
+    complete: bool
+    blocks_calibrated: list[int] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    sizes: dict | None = None
+    fidelity: dict | None = None
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def check_quant_config(cfg: RunConfig) -> None:
+    """Only the blocks' linears can be quantized: every other kind must be in ``quant.wgts.skips``."""
+    if cfg.quant.wgts.dtype is None:
+        return
+    others = sorted(set(OTHER_LAYERS.values()))
+    missing = [kind for kind in others if kind not in cfg.quant.wgts.skips]
+    if missing:
+        raise PTQError(f"quant.wgts.skips: PTQ quantizes the transformer blocks only; add {', '.join(missing)} "
+                       f"(layer kinds outside the blocks: {', '.join(others)})")
+
+
+@contextmanager
+def _log_file(path: Path):
+    """Copy log records (INFO and above) to ``path`` while the run lasts."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prepare_state(state_dir: Path, key_data: dict, resume: bool) -> None:
+    """Create the state folder; refuse to mix runs of different configurations in one folder."""
+    run_file = state_dir / "run.json"
+    if run_file.is_file() and resume:
+        import json
+
+        try:
+            stored = json.loads(run_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            stored = None
+        if stored != json.loads(json.dumps(key_data)):
+            differing = sorted(k for k in key_data if stored is None or stored.get(k) != key_data[k])
+            raise PTQError(f"{state_dir}: holds the state of a run with a different model, calibration data or "
+                           f"quant settings (differs in: {', '.join(differing) or 'format'}); choose another "
+                           "output.dirname (--output-dirname) or pass --no-output-resume to start this folder over")
+    elif state_dir.exists():
+        if not resume:
+            logger.info("output.resume is false: discarding the state in %s", state_dir)
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, key_data)
+
+
+def _load_block_states(model, state_dir: Path, run_key: str) -> list[dict]:
+    """The saved states of blocks 0, 1, ... up to the first missing or invalid one (that and later ones go)."""
+    names = model.block_names()
+    states = []
+    for index, name in enumerate(names):
+        path = state_dir / f"block_{index:03d}.pt"
+        if not path.is_file():
+            break
+        try:
+            state = load_pt(path)
+            validate_block_state(state, index, name, run_key, str(path))
+        except ValueError as error:
+            logger.warning("%s; calibrating from block %d again", error, index)
+            break
+        states.append(state)
+    for stale in range(len(states), len(names)):
+        (state_dir / f"block_{stale:03d}.pt").unlink(missing_ok=True)
+    return states
+
+
+def _references(model, text_encoder, cfg: RunConfig, settings: CaptureSettings, identity: dict,
+                state_dir: Path) -> list[FidelityReference]:
+    """Full-precision generations of the held-out prompts (cached in the state folder)."""
+    prompts = load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts,
+                              key="eval.prompt_offset")
+    key = sha256_json({"model": identity, "prompts": prompts, "settings": settings.as_dict(), "seed": cfg.eval.seed})
+    path = state_dir / "fp_reference.pt"
+    if path.is_file():
+        try:
+            stored = load_pt(path)
+            if stored.get("key") == key:
+                return [FidelityReference.from_state(s) for s in stored["references"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            logger.warning("%s: unusable (%s); generating the reference again", path, error)
+    logger.info("generating %d held-out prompts with the full-precision model", len(prompts))
+    refs = reference_generations(model, text_encoder, prompts, settings, cfg.eval.seed)
+    save_pt(path, {"key": key, "references": [r.state() for r in refs]})
+    return refs
+
+
+def _method_summary(cfg: RunConfig) -> str:
+    q = cfg.quant
+    fmt = lambda c: "16-bit" if c.dtype is None else f"{c.dtype} g{c.group_size}"
+    parts = [f"weights {fmt(q.wgts)}", f"inputs {fmt(q.ipts)}"]
+    parts.append(f"smoothing {'on' if q.smooth.enabled else 'off'}")
+    parts.append(f"low-rank {'r' + str(q.low_rank.rank) if q.low_rank.enabled else 'off'}")
+    parts.append(f"range search {'on' if q.calib_range.enabled else 'off'}")
+    parts.append(f"GPTQ {'on' if q.gptq.enabled else 'off'}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = None,
+            on_block_done: Callable[[int], None] | None = None) -> PTQResult:
+    """Quantize the model of ``cfg`` into ``out_dir`` (resuming a run of the same configuration there).
+
+    Args:
+        max_blocks: Stop after this many blocks have been calibrated by this call (no artifacts); for timing.
+        on_block_done: Called with the block index after each block's state is saved.
+    """
+    from infinity.pipeline import pipeline_from_config
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_quant_config(cfg)
+    with _log_file(out_dir / LOG_FILE):
+        return _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done)
+
+
+def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQResult:
+    start_total = time.perf_counter()
+    timings: dict = {"blocks": {}}
+    start = time.perf_counter()
+    p = cfg.pipeline
+    logger.info("loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init,
+                p.device, p.dtype)
+    pipe = pipeline_from_config(p)
+    model, text_encoder = pipe.transformer, pipe.text_encoder
+    device = model.device
+    for name in (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
+        layer_kind(name)  # fail early on an unexpected layout
+    fp_numel = sum(t.numel() for t in model.state_dict().values())
+    identity = model_identity(p, model, text_encoder)
+    settings = CaptureSettings.from_config(cfg)
+    prompts = load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    captures, cache_folder = load_or_capture(model, text_encoder, prompts, settings, identity, cfg.collect.cache_dir)
+    _sync(device)
+    timings["collect"] = time.perf_counter() - start
+
+    state_dir = out_dir / "state"
+    key_data = {"format": STATE_FORMAT, "model": identity, "capture": cache_folder.name,
+                "quant": config_to_dict(cfg)["quant"]}
+    run_key = sha256_json(key_data)
+    _prepare_state(state_dir, key_data, cfg.output.resume)
+
+    start = time.perf_counter()
+    references = _references(model, text_encoder, cfg, settings, identity, state_dir)
+    timings["reference"] = time.perf_counter() - start
+
+    depth = len(model.blocks())
+    states = _load_block_states(model, state_dir, run_key)
+    for state in states:
+        install_block_state(model, state)
+    if states:
+        logger.info("resuming: blocks 0..%d loaded from %s", len(states) - 1, state_dir)
+
+    calibrated: list[int] = []
+    if len(states) < depth:
+        plan = ReplayPlan.build(captures, settings, model)
+        inputs = [[x.to(device) for x in c.xs] for c in captures]
+        del captures
+        start = time.perf_counter()
+        for index in range(len(states)):  # inputs of the first block to calibrate
+            inputs = replay_block(model.blocks()[index], plan, inputs, keep_outputs=True)
+        _sync(device)
+        timings["resume_replay"] = time.perf_counter() - start
+        sizes = [x.shape[1] for x in inputs[0]]
+        selection = SampleSelection.build(len(inputs), sizes, inputs[0][0].shape[0], cfg.quant.num_samples,
+                                          cfg.quant.max_tokens, device)
+        logger.info("calibrating blocks %d..%d on %d samples, %d search tokens per layer", len(states), depth - 1,
+                    len(selection.selected), selection.num_tokens)
+        total_layers = (depth - len(states)) * len(BLOCK_LAYERS)
+        with tqdm(total=total_layers, desc="layers", unit="layer", leave=False) as layer_bar:
+            for index in tqdm(range(len(states), depth), desc="blocks", unit="block"):
+                if max_blocks is not None and len(calibrated) >= max_blocks:
+                    break
+                start = time.perf_counter()
+                result = calibrate_block(model, index, inputs, plan, selection, cfg.quant, run_key,
+                                         progress=layer_bar)
+                inputs = result.outputs
+                save_pt(state_dir / f"block_{index:03d}.pt", to_cpu(result.state))
+                states.append(result.state)
+                _sync(device)
+                timings["blocks"][index] = {"total": time.perf_counter() - start, **result.timings}
+                calibrated.append(index)
+                if on_block_done is not None:
+                    on_block_done(index)
+        del inputs
+    if len(states) < depth:
+        timings["total"] = time.perf_counter() - start_total
+        logger.info("stopped after %d of %d blocks (max_blocks)", len(states), depth)
+        return PTQResult(out_dir, False, calibrated, timings)
+
+    start = time.perf_counter()
+    entries = {name: entry for state in states for name, entry in state["layers"].items()}
+    sizes = write_artifacts(out_dir, cfg, model, entries, fp_numel)
+    timings["artifacts"] = time.perf_counter() - start
+    logger.info("model.pt is %.3f of the bfloat16 transformer (%.3f with smooth.pt and branch.pt)",
+                sizes["model_pt_over_bf16"], sizes["all_over_bf16"])
+
+    start = time.perf_counter()
+    model_level = evaluate_model(model, references, settings)
+    timings["fidelity"] = time.perf_counter() - start
+    layer_rows = [entry["report"] for entry in entries.values()]
+    fidelity = {
+        "model": p.name, "method": _method_summary(cfg),
+        "eval": {"prompt_ids": [r.prompt_id for r in references], "seed": cfg.eval.seed,
+                 "prompt_offset": cfg.eval.prompt_offset},
+        "model_level": model_level, "layers": layer_rows,
+    }
+    write_json(out_dir / "fidelity.json", fidelity)
+    write_text(out_dir / "fidelity.md", fidelity_markdown(fidelity))
+    logger.info("held-out logit relative error %.4g, bit agreement %.2f%%", model_level["logit_rel_error"],
+                100 * model_level["bit_agreement"])
+    timings["total"] = time.perf_counter() - start_total
+    layers = {name: entry["kind"] for name, entry in entries.items()}
+    write_manifest(out_dir, {**identity, "name": p.name}, layers,
+                   {"sizes": sizes, "calibration": {"cache": cache_folder.name, "prompts": len(prompts),
+                                                    "scales": settings.num_scales}})
+    return PTQResult(out_dir, True, calibrated, timings, sizes, fidelity)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parse_cli(PROG, argv, description="Post-training quantization (SVDQuant W4A4) of Infinity.")
-    print(f"{PROG}: the quantization pipeline is not available yet (configuration is valid)", file=sys.stderr)
-    return 1
+    cfg, args = parse_cli(PROG, argv, description="Post-training quantization (SVDQuant W4A4) of Infinity.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    out_dir = run_dir(cfg, args.config_files)
+    try:
+        result = run_ptq(cfg, out_dir)
+    except PTQError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    t = result.timings
+    logger.info("done in %.1f s (collect %.1f s, blocks %.1f s, fidelity %.1f s)", t["total"], t["collect"],
+                sum(b["total"] for b in t["blocks"].values()), t.get("fidelity", 0.0))
+    print(f"artifacts: {result.directory}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Names of the Infinity transformer's linear layers -> layer kinds (the vocabulary of ``quant.*.skips``).
+
+Inside block ``block_chunks.{k}.module.{j}`` the linears are, in execution (and calibration) order::
+
+    sa.mat_qkv (sa_qkv)  sa.proj (sa_out)  ca.mat_q (ca_q)  ca.mat_kv (ca_kv)  ca.proj (ca_out)
+    ffn.fc1 (ffn_up)  ffn.fc2 (ffn_down)
+
+Outside the blocks: ``word_embed`` (embed), ``shared_ada_lin.1`` and ``head_nm.ada_lin.1`` (adaln),
+``text_proj_for_sos.ca.{mat_kv,proj}`` and ``text_proj_for_ca.{0,2}`` (text_proj), ``head`` (head).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..config.schema import LAYER_KINDS
+
+__all__ = [
+    "BLOCK_KINDS",
+    "BLOCK_LAYERS",
+    "OTHER_LAYERS",
+    "block_layer_names",
+    "is_block_kind",
+    "layer_kind",
+    "linear_layers",
+]
+
+# (suffix inside a block, kind), in execution order: the order in which PTQ calibrates them.
+BLOCK_LAYERS: tuple[tuple[str, str], ...] = (
+    ("sa.mat_qkv", "sa_qkv"),
+    ("sa.proj", "sa_out"),
+    ("ca.mat_q", "ca_q"),
+    ("ca.mat_kv", "ca_kv"),
+    ("ca.proj", "ca_out"),
+    ("ffn.fc1", "ffn_up"),
+    ("ffn.fc2", "ffn_down"),
+)
+BLOCK_KINDS = tuple(kind for _, kind in BLOCK_LAYERS)
+
+# Exact names of the linears outside the blocks.
+OTHER_LAYERS: dict[str, str] = {
+    "word_embed": "embed",
+    "shared_ada_lin.1": "adaln",
+    "head_nm.ada_lin.1": "adaln",
+    "text_proj_for_sos.ca.mat_kv": "text_proj",
+    "text_proj_for_sos.ca.proj": "text_proj",
+    "text_proj_for_ca.0": "text_proj",
+    "text_proj_for_ca.2": "text_proj",
+    "head": "head",
+}
+
+_BLOCK_NAME = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
+_SUFFIX_KIND = dict(BLOCK_LAYERS)
+
+assert set(BLOCK_KINDS) | set(OTHER_LAYERS.values()) == set(LAYER_KINDS), "layer kinds out of sync with the schema"
+
+
+def layer_kind(name: str) -> str:
+    """Kind of the linear layer called ``name`` (a module name of the transformer); ValueError if unknown."""
+    match = _BLOCK_NAME.match(name)
+    if match:
+        kind = _SUFFIX_KIND.get(match.group(3))
+        if kind is None:
+            raise ValueError(f"{name!r} is not a linear layer of an Infinity block (known: {', '.join(_SUFFIX_KIND)})")
+        return kind
+    kind = OTHER_LAYERS.get(name)
+    if kind is None:
+        raise ValueError(f"{name!r} is not a linear layer of the Infinity transformer")
+    return kind
+
+
+def is_block_kind(kind: str) -> bool:
+    return kind in BLOCK_KINDS
+
+
+def block_layer_names(block_name: str) -> list[tuple[str, str]]:
+    """``(full module name, kind)`` of the linears of one block, in calibration order."""
+    return [(f"{block_name}.{suffix}", kind) for suffix, kind in BLOCK_LAYERS]
+
+
+def linear_layers(model: nn.Module) -> dict[str, str]:
+    """Every linear layer of ``model`` (``nn.Linear`` or a quantized replacement with ``in_features``) -> kind.
+
+    Raises ValueError naming a linear layer that has no kind, so a changed model layout fails loudly.
+    """
+    from .fake_linear import FakeQuantLinear
+
+    return {
+        name: layer_kind(name)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, FakeQuantLinear))
+    }

@@ -1,0 +1,161 @@
+"""Calibration data: the capture is exact, replays reproduce the sampler, the cache is reused and validated."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from deepcompressor.app.diffusion import capture as capture_module
+from deepcompressor.app.diffusion.calibrate_blocks import ReplayPlan, SampleSelection, replay_block
+from deepcompressor.app.diffusion.capture import (
+    CaptureSettings,
+    capture_prompt,
+    load_or_capture,
+    load_prompt_set,
+    model_identity,
+    weights_fingerprint,
+)
+from deepcompressor.app.diffusion.fidelity import teacher_forced_logits
+from deepcompressor.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from infinity.pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu", seed=0)
+    cfg = load_config(["configs/models/infinity-tiny.yaml"], {"pipeline.device": "cpu", "collect.num_prompts": 2})
+    return pipe, cfg
+
+
+def _record_block_inputs(model):
+    records = {i: [] for i in range(len(model.blocks()))}
+    handles = [block.register_forward_pre_hook(lambda m, args, i=i: records[i].append(args[0].clone()))
+               for i, block in enumerate(model.blocks())]
+    return records, handles
+
+
+def test_replaying_each_block_reproduces_the_sampler_bit_for_bit(tiny):
+    pipe, cfg = tiny
+    model = pipe.transformer
+    settings = CaptureSettings.from_config(cfg)
+    from infinity.sampler import sample
+
+    p = cfg.pipeline
+    batch = pipe.text_encoder.encode(["a red fox in the snow"])
+    records, handles = _record_block_inputs(model)
+    try:  # an ordinary generation, every block input recorded
+        sample(model, batch.kv_compact, batch.lens, [list(s) for s in settings.schedule], cfg=p.cfg, tau=p.tau,
+               top_k=p.top_k, top_p=p.top_p, seed=3, h_div_w=p.h_div_w)
+    finally:
+        for handle in handles:
+            handle.remove()
+    captured = capture_prompt(model, pipe.text_encoder, "a red fox in the snow", settings, seed=3)
+    assert len(captured.xs) == len(settings.schedule) == 7
+    plan = ReplayPlan.build([captured], settings, model)
+    inputs = [captured.xs]
+    for index, block in enumerate(model.blocks()):
+        # the captured / replayed inputs of block i are exactly what the sampler fed block i
+        assert len(records[index]) == len(inputs[0])
+        for scale, (replayed, sampled) in enumerate(zip(inputs[0], records[index])):
+            assert torch.equal(replayed, sampled), f"block {index} scale {scale}"
+        inputs = replay_block(block, plan, inputs, keep_outputs=True)
+
+
+def test_num_scales_keeps_a_prefix_and_stops_early(tiny):
+    pipe, cfg = tiny
+    settings = CaptureSettings.from_config(load_config(["configs/models/infinity-tiny.yaml"],
+                                                       {"pipeline.device": "cpu", "collect.num_scales": 3}))
+    full = capture_prompt(pipe.transformer, pipe.text_encoder, "a boat", CaptureSettings.from_config(cfg), seed=0)
+    short = capture_prompt(pipe.transformer, pipe.text_encoder, "a boat", settings, seed=0)
+    assert settings.num_scales == 3 and len(short.xs) == 3
+    for a, b in zip(short.xs, full.xs):
+        assert torch.equal(a, b)
+
+
+def test_teacher_forcing_the_full_precision_model_gives_the_sampler_logits(tiny):
+    from infinity.sampler import sample
+
+    pipe, cfg = tiny
+    model, p = pipe.transformer, cfg.pipeline
+    settings = CaptureSettings.from_config(cfg)
+    batch = pipe.text_encoder.encode(["two dogs on a beach"])
+    result = sample(model, batch.kv_compact, batch.lens, [list(s) for s in settings.schedule], cfg=p.cfg, tau=p.tau,
+                    top_k=p.top_k, top_p=p.top_p, seed=5, h_div_w=p.h_div_w, return_logits=True)
+    logits = teacher_forced_logits(model, batch.kv_compact, batch.lens, settings.schedule, result.next_inputs,
+                                   cfg=p.cfg, h_div_w=p.h_div_w)
+    assert len(logits) == len(result.logits)
+    for ours, theirs in zip(logits, result.logits):
+        assert torch.equal(ours, theirs)
+
+
+def test_sample_selection_matches_a_brute_force_subsample():
+    sizes, rows, prompts = [1, 4, 9, 16], 2, 3
+    selection = SampleSelection.build(prompts, sizes, rows, num_samples=7, max_tokens=40, device="cpu")
+    all_samples = [(p, s) for p in range(prompts) for s in range(len(sizes))]
+    keep = [round(i * (len(all_samples) - 1) / 6) for i in range(7)]
+    expected_samples = [all_samples[i] for i in keep]
+    assert selection.selected == set(expected_samples)
+    # brute force: label every token of the selected samples, pick 40 evenly spaced ones
+    labels = [(sample, t) for sample in expected_samples for t in range(rows * sizes[sample[1]])]
+    picked = torch.linspace(0, len(labels) - 1, 40).round().long().tolist()
+    expected = {}
+    for i in picked:
+        sample, t = labels[i]
+        expected.setdefault(sample, []).append(t)
+    got = {k: v.tolist() for k, v in selection.token_index.items() if v.numel()}
+    assert got == expected
+    assert selection.num_tokens == 40
+
+
+def test_cache_is_reused_and_damaged_files_are_captured_again(tiny, tmp_path, monkeypatch, caplog):
+    pipe, cfg = tiny
+    model = pipe.transformer
+    settings = CaptureSettings.from_config(load_config(["configs/models/infinity-tiny.yaml"],
+                                                       {"pipeline.device": "cpu", "collect.num_scales": 2}))
+    prompts = load_prompt_set("qdiff", 0, 2)
+    identity = model_identity(cfg.pipeline, model, pipe.text_encoder)
+    first, folder = load_or_capture(model, pipe.text_encoder, prompts, settings, identity, tmp_path)
+    calls = []
+    real_capture = capture_module.capture_prompt
+
+    def counting_capture(*args, **kwargs):
+        calls.append(args[2])
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "capture_prompt", counting_capture)
+    again, _ = load_or_capture(model, pipe.text_encoder, prompts, settings, identity, tmp_path)
+    assert calls == []
+    for a, b in zip(first, again):
+        assert all(torch.equal(x, y) for x, y in zip(a.xs, b.xs)) and torch.equal(a.ca_kv, b.ca_kv)
+    damaged = folder / "prompt_0001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        third, _ = load_or_capture(model, pipe.text_encoder, prompts, settings, identity, tmp_path)
+    assert calls == [prompts[1][1]]
+    assert "prompt_0001.pt" in caplog.text
+    assert all(torch.equal(x, y) for x, y in zip(third[1].xs, first[1].xs))
+    # another model (seed) -> another cache folder
+    other = dict(identity, transformer_fingerprint="0" * 64)
+    _, other_folder = load_or_capture(model, pipe.text_encoder, prompts[:1], settings, other, tmp_path)
+    assert other_folder != folder
+
+
+def test_fingerprint_ignores_the_dtype_but_not_the_weights():
+    from infinity.tiny import build_tiny_transformer
+
+    fp32 = build_tiny_transformer(0, "cpu", torch.float32)
+    bf16 = build_tiny_transformer(0, "cpu", torch.bfloat16)
+    other = build_tiny_transformer(1, "cpu", torch.float32)
+    assert weights_fingerprint(fp32) == weights_fingerprint(bf16)
+    assert weights_fingerprint(fp32) != weights_fingerprint(other)
+
+
+def test_prompt_offsets_and_errors(tmp_path):
+    assert load_prompt_set("qdiff", 512, 2)[0][0] == load_prompt_set("qdiff", 0, 514)[512][0]
+    with pytest.raises(ValueError, match="holds 1024"):
+        load_prompt_set("qdiff", 1023, 2)
+    with pytest.raises(FileNotFoundError, match="collect.prompts"):
+        load_prompt_set(str(tmp_path / "nope.yaml"), 0, 1)
