@@ -182,3 +182,9 @@ def test_random_init_is_seeded_and_materialised_once():
     assert sa["block_chunks.0.module.0.ffn.fc1.weight"].dtype == torch.bfloat16
     assert sa["head.weight"].dtype == torch.float32
     assert torch.all(sa["block_chunks.1.module.1.sa.zero_k_bias"] == 0)
+
+
+def test_legacy_non_zip_file_loads_without_mmap(golden_sd, tmp_path):
+    path = tmp_path / "legacy.pth"
+    torch.save(golden_sd, path, _use_new_zipfile_serialization=False)
+    assert_matches(load_transformer(path, "tiny_p0", device="cpu"), golden_sd)
