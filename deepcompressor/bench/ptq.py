@@ -97,7 +97,20 @@ def run_benchmark(cfg, blocks: int | None) -> dict:
         })
     what, peak = _peak_memory(device)
     report["peak_memory"] = {"what": what, "GiB": peak}
+    report["model_pt_estimate"] = _size_estimate(cfg)
     return report
+
+
+def _size_estimate(cfg) -> dict:
+    """Tensor bytes of ``model.pt`` for this architecture and config, from the meta model (no weights)."""
+    from infinity.checkpoints import build_meta_model, resolve_device, resolve_dtype
+
+    from ..app.diffusion.artifacts import estimate_model_pt_bytes
+
+    model = build_meta_model(cfg.pipeline.arch)
+    model.block_chunks.to(resolve_dtype(cfg.pipeline.dtype, resolve_device(cfg.pipeline.device)))
+    sizes = estimate_model_pt_bytes(model, cfg.quant)
+    return {**sizes, "ratio_to_bf16": sizes["total"] / sizes["bf16"]}
 
 
 def _table(report: dict) -> str:
@@ -118,6 +131,11 @@ def _table(report: dict) -> str:
              f"{'stage':<52} {'seconds':>10}"]
     lines += [f"{name:<52} {value:>10.1f}" for name, value in rows]
     lines.append(f"{report['peak_memory']['what']}: {report['peak_memory']['GiB']:.2f} GiB")
+    size = report["model_pt_estimate"]
+    lines.append(f"model.pt (estimated from the shapes): {size['total'] / 2**30:.3f} GiB = {size['ratio_to_bf16']:.3f} "
+                 f"of the bf16 transformer ({size['bf16'] / 2**30:.3f} GiB)")
+    if report.get("sizes"):
+        lines.append(f"model.pt (written): {report['sizes']['model_pt_over_bf16']:.3f} of the bf16 transformer")
     if report.get("fidelity"):
         f = report["fidelity"]
         lines.append(f"held-out logit rel. error {f['logit_rel_error']:.4g}, bit agreement "

@@ -44,6 +44,7 @@ __all__ = [
     "ArtifactBundle",
     "ArtifactError",
     "apply_artifacts",
+    "estimate_model_pt_bytes",
     "layer_entries_for_artifacts",
     "load_artifacts",
     "write_artifacts",
@@ -114,6 +115,41 @@ def write_artifacts(directory: str | Path, cfg: RunConfig, model: nn.Module, ent
     bf16_bytes = 2 * fp_numel
     return {"files": sizes, "bf16_bytes": bf16_bytes, "model_pt_over_bf16": sizes[MODEL_FILE] / bf16_bytes,
             "all_over_bf16": sum(sizes.values()) / bf16_bytes, "num_quantized_layers": len(layers)}
+
+
+def estimate_model_pt_bytes(model: nn.Module, qcfg) -> dict[str, int]:
+    """Tensor bytes ``model.pt`` will hold for ``model`` (meta tensors are fine) quantized with ``qcfg``, without
+    container overhead: ``{"quantized_layers", "other", "total", "bf16"}`` (``bf16``: the whole model in bf16)."""
+    from ...calib.layer import quant_config_for_kind
+    from ...nn.layer_map import is_block_kind, linear_layers
+    from ...quant.core import num_groups
+    from ...quant.formats import resolve_spec
+
+    quantized, covered = 0, set()
+    for name, kind in linear_layers(model).items():
+        if not is_block_kind(kind):
+            continue
+        layer_cfg = quant_config_for_kind(qcfg, kind)
+        if layer_cfg.wgts.dtype is None and layer_cfg.ipts.dtype is None:
+            continue
+        linear = model.get_submodule(name)
+        out_f, in_f = linear.out_features, linear.in_features
+        covered.update(f"{name}.{key}" for key, _ in linear.named_parameters())
+        if linear.bias is not None:
+            quantized += linear.bias.numel() * linear.bias.element_size()
+        if layer_cfg.wgts.dtype is None:
+            quantized += linear.weight.numel() * linear.weight.element_size()
+            continue
+        spec = resolve_spec(layer_cfg.wgts)
+        groups = num_groups(in_f, spec.group_size)
+        rows = 1 if spec.group_size == 0 else out_f
+        quantized += out_f * in_f * spec.fmt.bits // 8
+        quantized += rows * groups * torch.empty(0, dtype=spec.scale_dtype).element_size()
+        if spec.has_zero:
+            quantized += rows * groups
+    other = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in covered)
+    bf16 = 2 * sum(t.numel() for t in model.state_dict().values())
+    return {"quantized_layers": quantized, "other": other, "total": quantized + other, "bf16": bf16}
 
 
 def write_manifest(directory: str | Path, identity: dict, layers: dict[str, str], extra: dict) -> Path:
