@@ -373,7 +373,12 @@ class KVCacheConfig:
         calib_path: The calibration file written by ``calibrate_cache_quantization``.
         artifact_dir: Calibrate through the W4A4 model of this PTQ artifact directory (empty: full precision).
         num_grids: Points of the logarithmic percentile grid (0.99, 0.999, ..., 1 - 1e-6).
-        golden_iters: Golden-section refinement iterations per channel.
+        golden_iters: Golden-section refinement iterations per clipping bound.
+        max_tokens: Calibration tokens per (block, K/V): a deterministic uniform sample of every cached token of
+            every calibration prompt (both CFG rows), the same token positions in every block.
+        current: How the current scale's queries read the current scale's own keys/values: ``quantized`` (as a
+            real quantized cache: written, then read back; every scale is calibrated) or ``full`` (full precision;
+            only the stored scales are calibrated).
     """
 
     enabled: bool = False
@@ -382,6 +387,8 @@ class KVCacheConfig:
     artifact_dir: str = ""
     num_grids: int = 5
     golden_iters: int = 20
+    max_tokens: int = 10240
+    current: str = one_of("quantized", ("quantized", "full"))
 
     def check(self) -> Issues:
         if self.enabled and not self.calib_path:
@@ -390,6 +397,8 @@ class KVCacheConfig:
             yield "num_grids", f"must be >= 1, got {self.num_grids}"
         if self.golden_iters < 0:
             yield "golden_iters", f"must be >= 0, got {self.golden_iters}"
+        if self.max_tokens < 2:
+            yield "max_tokens", f"must be >= 2, got {self.max_tokens}"
 
 
 @dataclass
