@@ -86,3 +86,22 @@ def test_benchmark_orders_methods_as_expected():
     assert all(results[m]["seconds"] > 0 for m in METHODS)
     table = format_table({layer.name: results})
     assert "tiny.ffn_down" in table and "svdquant_gptq" in table
+
+
+def test_gptq_hessian_defaults_to_all_tokens_and_accepts_an_accumulated_one():
+    from deepcompressor.calib.gptq import accumulate_hessian
+
+    x, (w,) = _outlier_layer(tokens=300)
+    cfg = method_config("svdquant_gptq", max_tokens=100, rank=4)
+    cfg.smooth.num_grids = 3
+    default = calibrate_linear(w, None, x, cfg)
+    hessian, count = accumulate_hessian(None, 0, x[:120])
+    hessian, count = accumulate_hessian(hessian, count, x[120:])
+    given = calibrate_linear(w, None, x, cfg, hessian=hessian)
+    assert torch.equal(given.linears[0].qweight.codes, default.linears[0].qweight.codes)
+    # Only the searches are limited to max_tokens: a Hessian of the 100 search tokens gives other codes.
+    sub = subsample_tokens(x, 100)
+    few = calibrate_linear(w, None, x, cfg, hessian=accumulate_hessian(None, 0, sub)[0])
+    assert not torch.equal(few.linears[0].qweight.codes, default.linears[0].qweight.codes)
+    with pytest.raises(ValueError, match="Hessian"):
+        calibrate_linear(w, None, x, cfg, hessian=hessian[:5, :5])

@@ -4,7 +4,9 @@ Order (SVDQuant): smoothing search -> static input ranges (if configured) -> low
 weight quantization of the residual ``W * s - L1 L2`` by round-to-nearest, range search, or GPTQ (whose Hessian
 is that of the smoothed inputs, and which uses the searched clipping ratios when the range search is on).
 
-Everything runs on the device of the inputs in float32, on at most ``quant.max_tokens`` evenly spaced tokens.
+Everything runs in float32 on the device of the inputs (or the one asked for). The searches use at most
+``quant.max_tokens`` evenly spaced tokens; the GPTQ Hessian uses every token (or a Hessian accumulated by the
+caller), because GPTQ overfits when it sees fewer tokens than several times the input width.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..quant.functional import fake_quantize, quantize
 from ..quant.tensor import QuantTensor
-from .gptq import gptq_quantize, hessian_from_inputs
+from .gptq import accumulate_hessian, gptq_quantize
 from .lowrank import calibrate_lowrank
 from .range import calibrate_activation_range, search_weight_range
 from .search import (
@@ -109,9 +111,21 @@ def _validate_inputs(weights, biases, x, name):
             raise ValueError(f"{name}[{i}]: weight contains NaN or Inf")
 
 
+def _smoothed_hessian(hessian, x_all, s, device) -> torch.Tensor:
+    """Hessian of the smoothed inputs ``x / s``: ``H / (s s^T)``, from the given raw Hessian or from all of ``x``."""
+    if hessian is None:
+        hessian = torch.zeros(x_all.shape[-1], x_all.shape[-1], dtype=torch.float32, device=device)
+        count = 0
+        for chunk in x_all.reshape(-1, x_all.shape[-1]).split(8192):
+            hessian, count = accumulate_hessian(hessian, count, chunk.to(device))
+    hessian = hessian.to(device=device, dtype=torch.float32)
+    return hessian if s is None else hessian / torch.outer(s, s)
+
+
 def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
                       biases: Sequence[torch.Tensor | None] | None = None, name: str = "linear",
-                      device: torch.device | str | None = None) -> LayerCalibResult:
+                      device: torch.device | str | None = None,
+                      hessian: torch.Tensor | None = None) -> LayerCalibResult:
     """Calibrate the linears ``weights`` (each ``[out_i, in]``) that all read ``x [..., in]``.
 
     Args:
@@ -119,12 +133,18 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
         biases: Per weight bias or None (they only enter the reported relative errors).
         name: Layer name for logs and error messages.
         device: Where to compute (default: the device of ``x``); results live there.
+        hessian: GPTQ only: ``2 X^T X / n`` of the raw (unsmoothed) inputs, accumulated by the caller over as many
+            tokens as it has (``gptq.accumulate_hessian``); GPTQ needs several times more tokens than input
+            channels, far more than the searches. Default: computed from every token of ``x`` (not subsampled).
     """
     weights = list(weights)
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"{name}: {len(biases)} biases for {len(weights)} weights")
     _validate_inputs(weights, biases, x, name)
+    if hessian is not None and hessian.shape != (x.shape[-1], x.shape[-1]):
+        raise ValueError(f"{name}: Hessian {tuple(hessian.shape)} does not match {x.shape[-1]} input channels")
+    x_all = x
     device = torch.device(device) if device is not None else x.device
     timer = StageTimer(device)
     wcfg, icfg = cfg.wgts, cfg.ipts
@@ -152,7 +172,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
         xq_rtn = quantize_inputs(x, icfg)  # the round-to-nearest baseline quantizes the raw inputs
 
         results = []
-        hessian = None
+        smoothed_hessian = None
         for i, (w, ws, y_ref, bias) in enumerate(zip(weights, smoothed, y_refs, biases)):
             lname = f"{name}[{i}]" if len(weights) > 1 else name
             l1 = l2 = None
@@ -169,9 +189,10 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
                     if cfg.calib_range.enabled:
                         clip = search_weight_range(residual, wcfg, cfg.calib_range, xs, name=lname).clip_ratio
                     if cfg.gptq.enabled:
-                        if hessian is None:
-                            hessian = hessian_from_inputs(xs)
-                        qweight = gptq_quantize(residual, hessian, wcfg, cfg.gptq, clip_ratio=clip, name=lname)
+                        if smoothed_hessian is None:
+                            smoothed_hessian = _smoothed_hessian(hessian, x_all, s, device)
+                        qweight = gptq_quantize(residual, smoothed_hessian, wcfg, cfg.gptq, clip_ratio=clip,
+                                                name=lname)
                     else:
                         qweight = quantize(residual, wcfg, clip_ratio=clip, name=lname, check=False)
             with timer.stage("errors"):
@@ -196,6 +217,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
 
 
 def calibrate_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, cfg, *,
-                     name: str = "linear", device: torch.device | str | None = None) -> LayerCalibResult:
+                     name: str = "linear", device: torch.device | str | None = None,
+                     hessian: torch.Tensor | None = None) -> LayerCalibResult:
     """``calibrate_linears`` for a single linear."""
-    return calibrate_linears([weight], x, cfg, biases=[bias], name=name, device=device)
+    return calibrate_linears([weight], x, cfg, biases=[bias], name=name, device=device, hessian=hessian)
