@@ -1,0 +1,473 @@
+"""The W4A4 SVDQuant linear as two kernels (Triton on CUDA), and a plain-PyTorch path with the same arithmetic.
+
+    y = sum_g  (A_g . W_g) * sa_g * sw_g   +   (xs @ L2^T) @ L1^T   +   bias,       xs = x / s
+
+1. ``quantize_activations``: one pass over ``x [M, K]``: divide by the smoothing scale ``s`` (rounded to x's dtype,
+   as ``x / s`` is in PyTorch), quantize every (token, group of 64) to a 4-bit format with the arithmetic of
+   ``deepcompressor.quant`` (dynamic ranges, or calibrated static ones) and, in the same pass, the low-rank down
+   projection ``xs @ L2^T`` (float32 accumulation, rounded to x's dtype). Codes are stored zero-point-centred
+   (``q - z``, in [-15, 15]) as int8 ``[M, K]``; scales as float32 ``[K / 64, M]`` (the value of the stored scale
+   dtype).
+2. ``w4a4_matmul``: per output tile, for every group ``g`` of 64 inputs, the int8 tensor-core product of the
+   activation codes with the weight codes (4-bit, two per byte in the layout of ``kernels.w4a4_layout``, unpacked
+   and zero-point-centred in registers) gives an exact int32 partial sum, which is scaled by
+   ``activation scale x weight scale`` in float32 and accumulated. 4-bit values are exact in int8, so this is the
+   fake-quantized reference computed exactly up to the float32 summation order. The epilogue adds the low-rank
+   up projection ``down @ L1^T`` (tensor cores, float32 accumulation) and the bias, and rounds once to x's dtype.
+
+The PyTorch path (CPU, and the tests' reference) reuses ``deepcompressor.quant.quantize`` for the activation codes
+and evaluates the same per-group sums (``w4a4_matmul_torch``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.core import num_groups
+from ..quant.formats import QuantSpec
+from ..quant.functional import quantize
+from .w4a4_layout import GROUP, check_group_multiple, unpack_weight
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "QuantizedActivations",
+    "check_activation_spec",
+    "check_weight_spec",
+    "quantize_activations",
+    "quantize_activations_torch",
+    "quantize_activations_triton",
+    "use_triton",
+    "w4a4_matmul",
+    "w4a4_matmul_torch",
+    "w4a4_matmul_triton",
+]
+
+HAS_TRITON = triton is not None
+BACKENDS = ("auto", "triton", "torch")
+_SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+# Rows of the [G, rows, cols] partial products the PyTorch path materialises at once.
+_TORCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def use_triton(device: torch.device, backend: str = "auto") -> bool:
+    """``auto``: Triton on CUDA; ``triton``: always (CPU tensors need ``TRITON_INTERPRET=1``); ``torch``: never."""
+    if backend not in BACKENDS:
+        raise ValueError(f"W4A4 backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if not HAS_TRITON:
+        if backend == "triton":
+            raise RuntimeError("the triton W4A4 backend was requested but triton is not installed")
+        return False
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"the triton W4A4 backend needs CUDA tensors or TRITON_INTERPRET=1, got {device}")
+        return True
+    return device.type == "cuda"
+
+
+def check_weight_spec(spec: QuantSpec, name: str) -> None:
+    if spec.fmt.bits != 4 or spec.group_size != GROUP:
+        raise ValueError(f"{name}: the W4A4 kernels take 4-bit weights in groups of {GROUP}, got {spec.fmt.name} "
+                         f"with group_size {spec.group_size}")
+
+
+def check_activation_spec(spec: QuantSpec, name: str) -> None:
+    if spec.fmt.bits != 4 or spec.group_size != GROUP:
+        raise ValueError(f"{name}: the W4A4 kernels take 4-bit activations in groups of {GROUP}, got "
+                         f"{spec.fmt.name} with group_size {spec.group_size}")
+    if spec.scale_dtype not in _SCALE_KINDS:
+        raise ValueError(f"{name}: unsupported activation scale dtype {spec.scale_dtype}")
+
+
+@dataclass
+class QuantizedActivations:
+    """Output of ``quantize_activations``: centred int8 codes ``[M, K]``, float32 scales ``[K / 64, M]`` and the
+    low-rank down projection ``[M, R]`` in x's dtype (None without a branch)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    down: torch.Tensor | None
+
+
+def _check_inputs(x2d: torch.Tensor, smooth, l2t, static_scale, static_zero, spec: QuantSpec, name: str) -> None:
+    if x2d.dim() != 2:
+        raise ValueError(f"{name}: expected activations [M, K], got shape {tuple(x2d.shape)}")
+    k = x2d.shape[1]
+    check_group_multiple(k, name)
+    check_activation_spec(spec, name)
+    if smooth is not None and tuple(smooth.shape) != (k,):
+        raise ValueError(f"{name}: smoothing scale of shape {tuple(smooth.shape)} for {k} inputs")
+    if l2t is not None and (l2t.dim() != 2 or l2t.shape[0] != k or l2t.dtype != x2d.dtype):
+        raise ValueError(f"{name}: low-rank L2^T {l2t.dtype} {tuple(l2t.shape)} for {x2d.dtype} inputs with {k} "
+                         f"channels (expected {x2d.dtype} [{k}, R])")
+    if static_scale is not None and tuple(static_scale.shape) != (k // GROUP,):
+        raise ValueError(f"{name}: static scale of shape {tuple(static_scale.shape)}, expected ({k // GROUP},)")
+    if static_scale is None and static_zero is not None:
+        raise ValueError(f"{name}: a static zero point needs a static scale")
+    if static_scale is not None and spec.has_zero != (static_zero is not None):
+        raise ValueError(f"{name}: {spec.fmt.name} (symmetric={spec.symmetric}) "
+                         f"{'needs' if spec.has_zero else 'takes no'} static zero point")
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch path
+
+
+def quantize_activations_torch(x2d: torch.Tensor, spec: QuantSpec, *, smooth: torch.Tensor | None = None,
+                               l2t: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
+                               static_zero: torch.Tensor | None = None, name: str = "w4a4") -> QuantizedActivations:
+    """``quantize_activations`` through ``deepcompressor.quant.quantize``.
+
+    ``smooth [K]`` is used in x's dtype; ``l2t [K, R]`` is ``L2^T``; ``static_scale`` / ``static_zero`` ``[K / 64]``
+    are calibrated parameters (float32 holding the stored values), None for dynamic ranges.
+    """
+    _check_inputs(x2d, smooth, l2t, static_scale, static_zero, spec, name)
+    xs = x2d / smooth.to(x2d.dtype) if smooth is not None else x2d
+    scale = None if static_scale is None else static_scale.reshape(1, -1)
+    zero = None if static_zero is None else static_zero.reshape(1, -1)
+    qt = quantize(xs, spec, scale=scale, zero=zero, name=name, check=False)
+    groups = num_groups(x2d.shape[1], GROUP)
+    codes = qt.codes.to(torch.int16).reshape(-1, groups, GROUP)
+    if qt.zero is not None:
+        codes = codes - qt.zero.to(torch.int16).expand(codes.shape[0], groups).unsqueeze(-1)
+    scales = qt.scale.float().expand(x2d.shape[0], groups).t().contiguous()
+    down = None if l2t is None else xs @ l2t
+    return QuantizedActivations(codes.reshape(x2d.shape).to(torch.int8), scales, down)
+
+
+def centred_weight_codes(packed: torch.Tensor, zero: torch.Tensor | None, signed: bool) -> torch.Tensor:
+    """Kernel-layout packed weights (+ zero points ``[K / 64, N]``) -> centred int8 codes ``[N, K]``."""
+    codes = unpack_weight(packed, signed).to(torch.int16)
+    if zero is not None:
+        n, k = codes.shape
+        codes = (codes.reshape(n, k // GROUP, GROUP) - zero.t().to(torch.int16).unsqueeze(-1)).reshape(n, k)
+    return codes.to(torch.int8)
+
+
+def w4a4_matmul_torch(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                      w_zero: torch.Tensor | None, w_signed: bool, *, l1t: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w4a4_matmul`` evaluated group by group in float32 (integer partial sums are exact in float32: at most
+    64 * 15 * 15 in magnitude)."""
+    codes, scales = act.codes, act.scales
+    m, k = codes.shape
+    groups = k // GROUP
+    w = centred_weight_codes(w_packed, w_zero, w_signed)
+    n = w.shape[0]
+    w_groups = w.reshape(n, groups, GROUP).permute(1, 2, 0).float()  # [G, 64, N]
+    sw = w_scale.float()  # [G, N]
+    out = torch.empty(m, n, dtype=torch.float32, device=codes.device)
+    rows = max(1, _TORCH_CHUNK_ELEMENTS // max(1, groups * n))
+    for start in range(0, m, rows):
+        end = min(m, start + rows)
+        a = codes[start:end].reshape(end - start, groups, GROUP).transpose(0, 1).float()  # [G, rows, 64]
+        parts = torch.bmm(a, w_groups)  # exact integers
+        parts *= scales[:, start:end, None] * sw[:, None, :]
+        acc = parts[0].clone()
+        for g in range(1, groups):
+            acc += parts[g]
+        out[start:end] = acc
+    if l1t is not None:
+        out += act.down.float() @ l1t.float()
+    if bias is not None:
+        out += bias.float()
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rint(t):
+        # Round half to even (torch.round); libdevice.rint is not available under the interpreter.
+        r = tl.floor(t)
+        frac = t - r
+        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+        up = (frac > 0.5) | ((frac == 0.5) & odd)
+        return tl.where(up, r + 1.0, r)
+
+    @triton.jit
+    def _round_to(v, KIND: tl.constexpr):
+        # float32 -> the nearest value of a 16-bit dtype (KIND 0 float16, 1 bfloat16, 2 float32: unchanged), ties
+        # to even. bfloat16 by bit arithmetic: the interpreter's float32 -> bfloat16 cast truncates.
+        if KIND == 0:
+            v = v.to(tl.float16).to(tl.float32)
+        elif KIND == 1:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            v = bits.to(tl.float32, bitcast=True)
+        return v
+
+    @triton.jit
+    def _stored_scale(scale, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
+        # Clamp into the storage dtype's normal range and round to it (quant.core._store_scale).
+        scale = tl.minimum(tl.maximum(scale, TINY), FMAX)
+        return _round_to(scale, SCALE_KIND)
+
+    @triton.jit
+    def _act_quant_kernel(
+        X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, CODES, SCALES, DOWN,
+        M, K, stride_xm, X_KIND: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr, LR_IEEE: tl.constexpr,
+        STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
+        SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        cols = tl.arange(0, 64)
+        rows64 = rows.to(tl.int64)
+        x_rows = X + rows64[:, None] * stride_xm
+        c_rows = CODES + rows64[:, None] * K
+        ranks = tl.arange(0, RANK)
+        down = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        for g in range(K // 64):
+            k0 = g * 64
+            x = tl.load(x_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
+                # x / s rounded to x's dtype, as PyTorch computes it
+                x = _round_to(tl.math.div_rn(x, s[None, :]), X_KIND)
+            if HAS_LOWRANK:
+                l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
+                xl = x.to(L2T.dtype.element_ty)
+                if LR_IEEE:
+                    down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
+                else:
+                    down = tl.dot(xl, l2, down)
+            zero = tl.zeros((BLOCK_M,), dtype=tl.float32) + SYM_ZERO
+            if STATIC:
+                scale = tl.load(STATIC_SCALE + g + rows * 0)
+                if HAS_ZERO:
+                    zero = tl.load(STATIC_ZERO + g + rows * 0)
+            elif SYMMETRIC:
+                absmax = tl.max(tl.abs(x), axis=1)
+                scale = _stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
+            else:
+                xmin = tl.minimum(tl.min(x, axis=1), 0.0)
+                xmax = tl.maximum(tl.max(x, axis=1), 0.0)
+                span = tl.zeros_like(xmin) + (QMAX - QMIN)
+                scale = _stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
+                zero = tl.minimum(tl.maximum(_rint(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
+            q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+            q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, None]
+            tl.store(c_rows + k0 + cols[None, :], q.to(tl.int8), mask=row_mask[:, None])
+            tl.store(SCALES + g * M + rows, scale, mask=row_mask)
+        if HAS_LOWRANK:
+            d_ptr = DOWN + rows64[:, None] * RANK + ranks[None, :]
+            tl.store(d_ptr, _round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
+
+    @triton.jit
+    def _w4a4_gemm_kernel(
+        A, A_SCALES, B, B_SCALES, B_ZERO, DOWN, L1T, BIAS, Y,
+        M, N, K, stride_ym, m_bucket, Y_KIND: tl.constexpr,
+        B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
+        LR_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        # m_bucket only keys the autotuner (token counts of one power-of-two bucket share a launch config).
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        # Grouped tile order: GROUP_M row tiles sweep the column tiles together (weight tiles reused from L2).
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = rm < M
+        n_mask = rn < N
+        half = tl.arange(0, 32)
+        a_ptr = A + rm.to(tl.int64)[:, None] * K + half[None, :]
+        b_ptr = B + rn.to(tl.int64)[None, :] * (K // 2) + half[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(K // 64):
+            a_lo = tl.load(a_ptr + g * 64, mask=m_mask[:, None], other=0)
+            a_hi = tl.load(a_ptr + g * 64 + 32, mask=m_mask[:, None], other=0)
+            packed = tl.load(b_ptr + g * 32, mask=n_mask[None, :], other=0)  # int8 view, [32, BLOCK_N]
+            if B_SIGNED:
+                w_lo = ((packed << 4).to(tl.int8) >> 4).to(tl.int8)
+                w_hi = (packed >> 4).to(tl.int8)
+            else:
+                w_lo = (packed & 15).to(tl.int8)
+                w_hi = ((packed >> 4) & 15).to(tl.int8)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0)
+                w_lo = (w_lo - z[None, :]).to(tl.int8)
+                w_hi = (w_hi - z[None, :]).to(tl.int8)
+            part = tl.dot(a_lo, w_lo, out_dtype=tl.int32)
+            part = tl.dot(a_hi, w_hi, part, out_dtype=tl.int32)
+            sa = tl.load(A_SCALES + g * M + rm, mask=m_mask, other=0.0)
+            sb = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * (sa[:, None] * sb[None, :])
+        if HAS_LOWRANK:
+            ranks = tl.arange(0, RANK)
+            d = tl.load(DOWN + rm.to(tl.int64)[:, None] * RANK + ranks[None, :], mask=m_mask[:, None], other=0.0)
+            l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0)
+            if LR_IEEE:
+                acc = tl.dot(d.to(tl.float32), l1.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(d, l1, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptr = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptr, _round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    def _gemm_configs():
+        configs = []
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+                                      (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3), (64, 64, 4, 4)):
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps,
+                                         num_stages=stages))
+        return configs
+
+    _w4a4_gemm_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "HAS_LOWRANK"])(
+        _w4a4_gemm_kernel)
+
+
+def _dtype_kind(dtype: torch.dtype) -> int:
+    if dtype not in _SCALE_KINDS:
+        raise ValueError(f"W4A4 kernels: unsupported dtype {dtype} (float16, bfloat16 or float32)")
+    return _SCALE_KINDS[dtype]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _padded_rank(rank: int) -> int:
+    """Tensor-core products need at least 16 rows and a power of two for ``tl.arange``."""
+    padded = 16
+    while padded < rank:
+        padded *= 2
+    return padded
+
+
+def quantize_activations_triton(x2d: torch.Tensor, spec: QuantSpec, *, smooth: torch.Tensor | None = None,
+                                l2t: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
+                                static_zero: torch.Tensor | None = None, name: str = "w4a4",
+                                block_m: int | None = None) -> QuantizedActivations:
+    """The activation kernel (see the module docstring); ``l2t [K, R]`` must have a rank R that is a power of two
+    >= 16 (``W4A4Linear`` pads its factors with zeros)."""
+    _check_inputs(x2d, smooth, l2t, static_scale, static_zero, spec, name)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    m, k = x2d.shape
+    rank = 16
+    if l2t is not None:
+        rank = l2t.shape[1]
+        if rank != _padded_rank(rank):
+            raise ValueError(f"{name}: the kernel's low-rank width must be a power of two >= 16, got {rank}")
+        l2t = l2t.contiguous()
+    device = x2d.device
+    codes = torch.empty(m, k, dtype=torch.int8, device=device)
+    scales = torch.empty(k // GROUP, m, dtype=torch.float32, device=device)
+    down = torch.empty(m, rank, dtype=x2d.dtype, device=device) if l2t is not None else None
+    fmt = spec.fmt
+    info = torch.finfo(spec.scale_dtype)
+    dummy = codes
+    if block_m is None:
+        block_m = 16 if _interpreting() else 64
+    grid = (triton.cdiv(m, block_m),)
+    _act_quant_kernel[grid](
+        x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
+        static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
+        codes, scales, down if down is not None else dummy,
+        m, k, x2d.stride(0), _dtype_kind(x2d.dtype),
+        HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+        LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), STATIC=static_scale is not None, SYMMETRIC=spec.symmetric,
+        HAS_ZERO=spec.has_zero, QMIN=fmt.qmin, QMAX=fmt.qmax, QSYM=float(fmt.symmetric_qmax),
+        SYM_ZERO=float(fmt.symmetric_zero) if spec.symmetric else 0.0,
+        SCALE_KIND=_SCALE_KINDS[spec.scale_dtype], TINY=float(info.tiny), FMAX=float(info.max), BLOCK_M=block_m,
+        num_warps=4,
+    )  # fmt: skip
+    return QuantizedActivations(codes, scales, down)
+
+
+def _m_bucket(m: int) -> int:
+    bucket = 16
+    while bucket < m:
+        bucket *= 2
+    return bucket
+
+
+def w4a4_matmul_triton(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                       w_zero: torch.Tensor | None, w_signed: bool, *, l1t: torch.Tensor | None = None,
+                       bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                       config: dict | None = None) -> torch.Tensor:
+    """The GEMM kernel. ``config`` (``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, ``num_warps``, ``num_stages``) skips the
+    autotuner (always skipped under the interpreter, which uses small tiles)."""
+    codes, scales = act.codes, act.scales
+    m, k = codes.shape
+    n = w_packed.shape[0]
+    if l1t is not None and act.down is None:
+        raise ValueError("w4a4_matmul: a low-rank L1 was given but the activations carry no down projection")
+    rank = act.down.shape[1] if l1t is not None else 16
+    if l1t is not None and tuple(l1t.shape) != (rank, n):
+        raise ValueError(f"w4a4_matmul: L1^T of shape {tuple(l1t.shape)}, expected ({rank}, {n})")
+    y = torch.empty(m, n, dtype=out_dtype, device=codes.device)
+    dummy = y
+    args = (codes, scales, w_packed.view(torch.int8), w_scale, w_zero if w_zero is not None else dummy,
+            act.down if l1t is not None else dummy, l1t if l1t is not None else dummy,
+            bias if bias is not None else dummy, y, m, n, k, y.stride(0), _m_bucket(m), _dtype_kind(out_dtype))
+    flags = {"B_SIGNED": w_signed, "HAS_ZERO": w_zero is not None, "HAS_LOWRANK": l1t is not None, "RANK": rank,
+             "LR_IEEE": _interpreting() or (act.down is not None and act.down.dtype == torch.float32), "HAS_BIAS": bias is not None}
+    if config is None and _interpreting():
+        config = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _w4a4_gemm_autotuned[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _w4a4_gemm_kernel[grid](*args, **flags, **config)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def _check_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, k: int) -> None:
+    n = w_packed.shape[0]
+    if w_packed.dtype != torch.uint8 or tuple(w_packed.shape) != (n, k // 2):
+        raise ValueError(f"w4a4_matmul: packed weight {w_packed.dtype} {tuple(w_packed.shape)}, expected uint8 "
+                         f"[N, {k // 2}] for {k} inputs")
+    if tuple(w_scale.shape) != (k // GROUP, n):
+        raise ValueError(f"w4a4_matmul: weight scale of shape {tuple(w_scale.shape)}, expected ({k // GROUP}, {n})")
+    if w_zero is not None and (tuple(w_zero.shape) != (k // GROUP, n) or w_zero.dtype != torch.int8):
+        raise ValueError(f"w4a4_matmul: weight zero point {w_zero.dtype} {tuple(w_zero.shape)}, expected int8 "
+                         f"({k // GROUP}, {n})")
+
+
+def quantize_activations(x2d: torch.Tensor, spec: QuantSpec, *, backend: str = "auto", **kwargs
+                         ) -> QuantizedActivations:
+    """Dispatch to the Triton kernel or the PyTorch path (same results up to float32 rounding of the branch)."""
+    if use_triton(x2d.device, backend):
+        return quantize_activations_triton(x2d, spec, **kwargs)
+    return quantize_activations_torch(x2d, spec, **kwargs)
+
+
+def w4a4_matmul(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                w_zero: torch.Tensor | None, w_signed: bool, *, backend: str = "auto", **kwargs) -> torch.Tensor:
+    """``y [M, N]`` from quantized activations and a kernel-layout weight: ``w_packed`` uint8 ``[N, K / 2]``,
+    ``w_scale [K / 64, N]`` (any float dtype), ``w_zero`` int8 ``[K / 64, N]`` or None; ``l1t [R, N]``, ``bias [N]``
+    and ``out_dtype`` as keywords."""
+    _check_weight(w_packed, w_scale, w_zero, act.codes.shape[1])
+    if use_triton(act.codes.device, backend):
+        return w4a4_matmul_triton(act, w_packed, w_scale, w_zero, w_signed, **kwargs)
+    kwargs.pop("config", None)
+    return w4a4_matmul_torch(act, w_packed, w_scale, w_zero, w_signed, **kwargs)
