@@ -81,7 +81,7 @@ def test_benchmark_orders_methods_as_expected():
         results = _bench_layer(layer, METHODS, tokens=512, eval_tokens=256, device="cpu", rank=8, progress=progress)
     errors = {m: results[m]["rel_error"] for m in METHODS}
     assert errors["rtn"] > errors["smoothquant"] > errors["svdquant"]
-    assert errors["svdquant_gptq"] < errors["smoothquant"]
+    assert errors["svdquant_gptq"] < 0.95 * errors["svdquant"]  # its Hessian sees 8 x in_features tokens
     assert errors["w4a16"] < errors["rtn"]
     assert all(results[m]["seconds"] > 0 for m in METHODS)
     table = format_table({layer.name: results})
