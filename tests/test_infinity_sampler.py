@@ -172,3 +172,26 @@ def test_sampler_honours_the_kv_cache_factory_contract():
         assert layer.length == 0
     assert out.kv_cache_bytes == len(model.blocks()) * 2 * 4 * 4 * 21 * 16 * 4
     assert torch.equal(out.bits[3], ref["bits_si3"][:, 0])
+
+
+def test_fused_kernel_path_with_in_place_cache_writes_matches_torch_path():
+    """The GPU path (fused q/k/v kernel writing k/v straight into the KV-cache slots, with and without room for the
+    last scale), run on the CPU by the Triton interpreter, equals the reference torch path."""
+    from infinity.kernels import set_triton_enabled
+
+    model = golden_model("p0")
+    kv_compact, lens, schedule = golden_inputs("p0")
+    kv_compact, lens, schedule = kv_compact[: lens[0]], lens[:1], schedule[:2]
+    settings = dict(cfg=3.0, tau=0.5, return_logits=True, **SETTINGS["sampled"])
+    ref = sample(model, kv_compact, lens, schedule, **settings)
+    set_triton_enabled(True, on_cpu=True)
+    try:
+        outs = [sample(model, kv_compact, lens, schedule, kv_reserve_last=r, **settings) for r in (False, True)]
+    finally:
+        set_triton_enabled(True, on_cpu=False)
+    for out in outs:
+        for k in range(len(schedule)):
+            torch.testing.assert_close(out.logits[k], ref.logits[k], atol=1e-5, rtol=1e-5)
+            assert torch.equal(out.bits[k], ref.bits[k])
+    per_token = len(model.blocks()) * 2 * 2 * 4 * 16 * 4
+    assert [o.kv_cache_bytes for o in outs] == [1 * per_token, 5 * per_token]

@@ -44,6 +44,20 @@ class LayerKVCache:
         self.reset()
         self._append(k, v)
 
+    def next_slots(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, *, store: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Writable views ``[B, H, new, c]`` of the buffer where the next ``new`` tokens go, so a producer can
+        write k/v in place (``attend`` then skips the copy). None when they would not fit without a
+        concatenation (``store=False`` and no reserved room)."""
+        batch, heads, new, dim = shape
+        end = self.length + new
+        if store:
+            self._ensure_room(batch, heads, end, dim, dtype, device)
+        elif self._k is None or end > self._k.shape[2] or self._k.dtype != dtype:
+            return None
+        return self._k[:, :, self.length : end], self._v[:, :, self.length : end]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, store: bool) -> torch.Tensor:
         if store:
             self._append(k, v)
@@ -51,8 +65,7 @@ class LayerKVCache:
         elif self._k is not None and self.length + k.shape[2] <= self._k.shape[2]:
             # Room reserved past the prefix: use it as scratch (no concatenation), the length stays.
             end = self.length + k.shape[2]
-            self._k[:, :, self.length : end] = k
-            self._v[:, :, self.length : end] = v
+            self._write(k, v, end)
             keys, values = self._k[:, :, :end], self._v[:, :, :end]
         elif self.length:
             prefix_k, prefix_v = self.prefix
@@ -75,21 +88,30 @@ class LayerKVCache:
             return 0
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        batch, heads, new, dim = k.shape
-        end = self.length + new
+    def _ensure_room(self, batch: int, heads: int, end: int, dim: int, dtype, device) -> None:
         if self._k is not None and (self._k.shape[0] != batch or self._k.shape[1] != heads or self._k.shape[3] != dim):
-            raise ValueError(f"KV cache holds {tuple(self._k.shape)}, cannot append keys of shape {tuple(k.shape)}")
+            shape = (batch, heads, end - self.length, dim)
+            raise ValueError(f"KV cache holds {tuple(self._k.shape)}, cannot append keys of shape {shape}")
         if self._k is None or end > self._k.shape[2]:
             size = max(end, self.capacity) if self._k is None else max(end, 2 * self._k.shape[2])
-            grown_k = k.new_empty(batch, heads, size, dim)
-            grown_v = v.new_empty(batch, heads, size, dim)
+            grown_k = torch.empty(batch, heads, size, dim, dtype=dtype, device=device)
+            grown_v = torch.empty(batch, heads, size, dim, dtype=dtype, device=device)
             if self.length:
                 grown_k[:, :, : self.length] = self._k[:, :, : self.length]
                 grown_v[:, :, : self.length] = self._v[:, :, : self.length]
             self._k, self._v = grown_k, grown_v
-        self._k[:, :, self.length : end] = k
-        self._v[:, :, self.length : end] = v
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, end: int) -> None:
+        for buffer, new in ((self._k, k), (self._v, v)):
+            slot = buffer[:, :, self.length : end]
+            if new.data_ptr() != slot.data_ptr() or new.stride() != slot.stride():  # not already written in place
+                slot.copy_(new)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        batch, heads, new, dim = k.shape
+        end = self.length + new
+        self._ensure_room(batch, heads, end, dim, k.dtype, k.device)
+        self._write(k, v, end)
         self.length = end
 
 

@@ -254,13 +254,23 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         bias: torch.Tensor | None = None,
         qk_scale: torch.Tensor | None = None,
+        layer_cache: LayerKVCache | None = None,
+        store: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h [bs, L, C]`` -> q, k (normalised, scaled, rotated) and v, each ``[bs, H, L, c]`` in h's dtype."""
+        """``h [bs, L, C]`` -> q, k (normalised, scaled, rotated) and v, each ``[bs, H, L, c]`` in h's dtype.
+
+        On GPU the fused kernel writes k and v straight into the cache's next slots when the cache offers them.
+        """
         qkv = self.mat_qkv(h)
         bias = self.qkv_bias(qkv.dtype) if bias is None else bias
         qk_scale = self.qk_scale() if qk_scale is None else qk_scale
         if use_triton(qkv):
-            return cos_attn_qkv_triton(qkv, bias, qk_scale, rope[0], rope[1], self.num_heads)
+            slots = None
+            if layer_cache is not None and hasattr(layer_cache, "next_slots"):
+                shape = (qkv.shape[0], self.num_heads, qkv.shape[1], self.head_dim)
+                slots = layer_cache.next_slots(shape, qkv.dtype, qkv.device, store=store)
+            k_out, v_out = slots if slots is not None else (None, None)
+            return cos_attn_qkv_triton(qkv, bias, qk_scale, rope[0], rope[1], self.num_heads, k_out=k_out, v_out=v_out)
         return _glue["cos_attn_qkv"](qkv, bias.to(qkv.dtype), qk_scale, rope[0], rope[1], self.num_heads)
 
     def forward(
@@ -272,10 +282,8 @@ class SelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         constants: BlockConstants | None = None,
     ) -> torch.Tensor:
-        if constants is None:
-            q, k, v = self.qkv(h, rope)
-        else:
-            q, k, v = self.qkv(h, rope, constants.qkv_bias, constants.qk_scale)
+        bias, qk_scale = (None, None) if constants is None else (constants.qkv_bias, constants.qk_scale)
+        q, k, v = self.qkv(h, rope, bias, qk_scale, layer_cache, store)
         if layer_cache is not None:
             out = layer_cache.attend(q, k, v, store=store)
         else:
