@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-vae",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the VAE decoder (compilation happens in the warm-up)",
+        default=None,
+        help="torch.compile the VAE decoder (default: as --compile; compilation happens in the warm-up)",
     )
     parser.add_argument(
         "--kv-reserve-last",
@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> dict:
     enable_compile(args.compile)
     set_triton_enabled(args.triton)
     pipe.kv_reserve_last = args.kv_reserve_last
+    if args.compile_vae is None:
+        args.compile_vae = args.compile
     if args.compile_vae:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
     graphs = bool(args.cuda_graphs and device.type == "cuda")
