@@ -96,7 +96,7 @@ def test_activation_kernel_matches_the_quantizer_and_float64(fmt, symmetric, sta
     static_scale = static_zero = None
     if static:
         static_scale, static_zero = _static_params(x / smooth, spec)
-    kwargs = dict(smooth=smooth, l2t=l2t, static_scale=static_scale, static_zero=static_zero)
+    kwargs = {"smooth": smooth, "l2t": l2t, "static_scale": static_scale, "static_zero": static_zero}
     got = quantize_activations_triton(x, spec, **kwargs)
     ref = quantize_activations_torch(x, spec, **kwargs)
 
@@ -184,7 +184,7 @@ def test_gemm_kernel_matches_float64(wfmt, wsym, afmt, asym, dtype, lowrank, wit
 def test_gemm_rejects_mismatched_weights():
     spec = _act_spec()
     act = quantize_activations_torch(torch.randn(4, 128), spec)
-    qt, packed, scale, zero = _weights(8, 128, _wgt_cfg(), seed=0)
+    _qt, packed, scale, zero = _weights(8, 128, _wgt_cfg(), seed=0)
     with pytest.raises(ValueError, match="packed weight"):
         w4a4_matmul(act, packed[:, :32], scale, zero, True)
     with pytest.raises(ValueError, match="weight scale"):
