@@ -25,6 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..quant import pack_int4, unpack_int4
+
 try:
     import triton
     import triton.language as tl
@@ -85,11 +87,12 @@ def use_triton(device: torch.device, backend: str = "auto") -> bool:
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype):
-    """Codes ``[B, H, L, Dp]`` -> ``(q - z) * s`` ``[B, H, L, D]`` (computed in float32, cast to ``dtype``);
-    ``scale``/``zero`` are ``[H, D]``."""
+    """Codes ``[B, H, L, Dp]`` -> ``(q - z) * s`` ``[B, H, L, D]`` (computed in float32, or float64 for a float64
+    ``dtype``, then cast to ``dtype``); ``scale``/``zero`` are ``[H, D]``."""
     if bits == 4:
-        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
-    return ((codes.float() - zero[:, None, :]) * scale[:, None, :]).to(dtype)
+        codes = unpack_int4(codes, signed=False)
+    work = torch.promote_types(dtype, torch.float32)
+    return ((codes.to(work) - zero[:, None, :].to(work)) * scale[:, None, :].to(work)).to(dtype)
 
 
 def reference_kv_attention(
@@ -298,7 +301,6 @@ def quantize_kv(
         return out
     if not use_triton(x.device, backend):
         from ..calib.kv import quantize_asymmetric
-        from ..quant import pack_int4
 
         codes = quantize_asymmetric(x, scale[:, None, :], zero[:, None, :], bits)
         out.copy_(pack_int4(codes, signed=False) if bits == 4 else codes)

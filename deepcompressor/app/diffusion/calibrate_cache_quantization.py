@@ -60,20 +60,29 @@ class _EnoughScales(Exception):
     """Raised from the sampler's per-scale callback once the wanted scales were generated."""
 
 
-def _apply_artifacts(model, artifact_dir: str) -> dict:
-    """Swap in the W4A4 layers of a PTQ artifact directory; returns what identifies it."""
+def _load_artifacts(artifact_dir: str):
+    """Load and validate a PTQ artifact directory (before the model is built, so a bad one fails fast)."""
     try:
-        from .artifacts import ArtifactError, apply_artifacts, load_artifacts
+        from .artifacts import ArtifactError, load_artifacts
     except ImportError as error:  # the PTQ artifact loader is a separate module of the tool
         raise KVCalibrationRunError(
             f"kv.artifact_dir = {artifact_dir!r} was given, but the PTQ artifact loader is not available ({error})"
         ) from None
     try:
-        bundle = load_artifacts(artifact_dir)
-        apply_artifacts(model, bundle)
+        return load_artifacts(artifact_dir)
     except (ArtifactError, FileNotFoundError) as error:
         raise KVCalibrationRunError(f"kv.artifact_dir: {error}") from None
-    return {"artifact_dir": str(artifact_dir), "artifact_manifest_model": bundle.manifest.get("model", {})}
+
+
+def _apply_artifacts(model, bundle) -> dict:
+    """Swap in the bundle's W4A4 layers (the model must be the one it was made from); returns what identifies it."""
+    from .artifacts import ArtifactError, apply_artifacts
+
+    try:
+        apply_artifacts(model, bundle)
+    except ArtifactError as error:
+        raise KVCalibrationRunError(f"kv.artifact_dir: {error}") from None
+    return {"artifact_dir": str(bundle.directory), "artifact_model": bundle.manifest.get("model", {})}
 
 
 @torch.no_grad()
@@ -156,13 +165,14 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
 
     timings = {}
     start = time.perf_counter()
+    bundle = _load_artifacts(cfg.kv.artifact_dir) if cfg.kv.artifact_dir else None
     pipe = (pipeline_factory or pipeline_from_config)(cfg.pipeline)
     model = pipe.transformer
     identity = kv_model_identity(model)
     identity.update(name=cfg.pipeline.name, transformer_fingerprint=weights_fingerprint(model))
     calibrated_through = {"artifact_dir": None}
-    if cfg.kv.artifact_dir:
-        calibrated_through = _apply_artifacts(model, cfg.kv.artifact_dir)
+    if bundle is not None:
+        calibrated_through = _apply_artifacts(model, bundle)
         logger.info("calibrating through the W4A4 model of %s", cfg.kv.artifact_dir)
     timings["build"] = time.perf_counter() - start
 
