@@ -95,7 +95,9 @@ def weights_fingerprint(module: nn.Module) -> str:
         if not flat.is_floating_point():
             flat = flat.float()
         count = min(_FINGERPRINT_SAMPLES, flat.numel())
-        index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
+        # integer arithmetic: the same positions on every device (float linspace overshoots for huge tensors)
+        index = torch.arange(count, dtype=torch.int64) * (flat.numel() - 1) // max(count - 1, 1)
+        index = index.to(flat.device)
         values = flat.index_select(0, index).to(torch.bfloat16).view(torch.int16).cpu().numpy()
         digest.update(np.ascontiguousarray(values).tobytes())
     return digest.hexdigest()
