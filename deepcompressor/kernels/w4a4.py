@@ -42,8 +42,10 @@ __all__ = [
     "BACKENDS",
     "HAS_TRITON",
     "QuantizedActivations",
+    "centred_weight_codes",
     "check_activation_spec",
     "check_weight_spec",
+    "grouped_weight_codes",
     "quantize_activations",
     "quantize_activations_torch",
     "quantize_activations_triton",
@@ -155,29 +157,39 @@ def centred_weight_codes(packed: torch.Tensor, zero: torch.Tensor | None, signed
     return codes.to(torch.int8)
 
 
+def grouped_weight_codes(packed: torch.Tensor, zero: torch.Tensor | None, signed: bool) -> torch.Tensor:
+    """Centred weight codes as float32 ``[K / 64, 64, N]``: the right operand of the PyTorch path's per-group
+    products (callers may keep it between calls)."""
+    w = centred_weight_codes(packed, zero, signed)
+    n, k = w.shape
+    return w.reshape(n, k // GROUP, GROUP).permute(1, 2, 0).float().contiguous()
+
+
 def w4a4_matmul_torch(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
                       w_zero: torch.Tensor | None, w_signed: bool, *, l1t: torch.Tensor | None = None,
-                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``w4a4_matmul`` evaluated group by group in float32 (integer partial sums are exact in float32: at most
-    64 * 15 * 15 in magnitude)."""
+                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                      grouped_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``w4a4_matmul`` evaluated group by group in float32: integer partial sums (exact in float32: at most
+    64 * 15 * 15 in magnitude) scaled by ``sa * sw`` and accumulated in group order. ``grouped_weight`` is
+    ``grouped_weight_codes(w_packed, w_zero, w_signed)`` if the caller keeps it."""
     codes, scales = act.codes, act.scales
     m, k = codes.shape
     groups = k // GROUP
-    w = centred_weight_codes(w_packed, w_zero, w_signed)
-    n = w.shape[0]
-    w_groups = w.reshape(n, groups, GROUP).permute(1, 2, 0).float()  # [G, 64, N]
+    if grouped_weight is None:
+        grouped_weight = grouped_weight_codes(w_packed, w_zero, w_signed)
+    n = grouped_weight.shape[2]
     sw = w_scale.float()  # [G, N]
     out = torch.empty(m, n, dtype=torch.float32, device=codes.device)
     rows = max(1, _TORCH_CHUNK_ELEMENTS // max(1, groups * n))
     for start in range(0, m, rows):
         end = min(m, start + rows)
         a = codes[start:end].reshape(end - start, groups, GROUP).transpose(0, 1).float()  # [G, rows, 64]
-        parts = torch.bmm(a, w_groups)  # exact integers
+        parts = torch.bmm(a, grouped_weight)  # exact integers
         parts *= scales[:, start:end, None] * sw[:, None, :]
-        acc = parts[0].clone()
+        acc = out[start:end]
+        acc.copy_(parts[0])
         for g in range(1, groups):
             acc += parts[g]
-        out[start:end] = acc
     if l1t is not None:
         out += act.down.float() @ l1t.float()
     if bias is not None:
@@ -468,6 +480,7 @@ def w4a4_matmul(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torc
     and ``out_dtype`` as keywords."""
     _check_weight(w_packed, w_scale, w_zero, act.codes.shape[1])
     if use_triton(act.codes.device, backend):
+        kwargs.pop("grouped_weight", None)
         return w4a4_matmul_triton(act, w_packed, w_scale, w_zero, w_signed, **kwargs)
     kwargs.pop("config", None)
     return w4a4_matmul_torch(act, w_packed, w_scale, w_zero, w_signed, **kwargs)

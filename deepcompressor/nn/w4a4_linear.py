@@ -28,7 +28,9 @@ from ..kernels.w4a4 import (
     BACKENDS,
     check_activation_spec,
     check_weight_spec,
+    grouped_weight_codes,
     quantize_activations,
+    use_triton,
     w4a4_matmul,
 )
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
@@ -177,6 +179,15 @@ class W4A4Linear(nn.Module):
             cached = self._cast_cache[(key, dtype)] = tensor.to(dtype)
         return cached
 
+    def _cpu_grouped_weight(self) -> torch.Tensor:
+        """The CPU path's float32 operand, unpacked once (CPU runs are for tests and the tiny model; on GPU the
+        kernel unpacks in registers and nothing is kept)."""
+        cached = self._cast_cache.get("grouped_weight")
+        if cached is None:
+            cached = self._cast_cache["grouped_weight"] = grouped_weight_codes(
+                self.weight_packed, self.weight_zero, self.wspec.fmt.signed)
+        return cached
+
     @property
     def qweight(self) -> QuantTensor:
         """The weight as a ``QuantTensor`` (natural order, unpacked)."""
@@ -207,8 +218,11 @@ class W4A4Linear(nn.Module):
         else:
             act = quantize_activations(x2d, self.ispec, backend=self.backend, smooth=smooth, l2t=l2t,
                                        static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
+            extra = {}
+            if x.device.type == "cpu" and not use_triton(x.device, self.backend):
+                extra["grouped_weight"] = self._cpu_grouped_weight()
             y = w4a4_matmul(act, self.weight_packed, self.weight_scale, self.weight_zero, self.wspec.fmt.signed,
-                            backend=self.backend, l1t=l1t, bias=bias, out_dtype=dtype)
+                            backend=self.backend, l1t=l1t, bias=bias, out_dtype=dtype, **extra)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
