@@ -231,7 +231,7 @@ if HAS_TRITON:
     @triton.jit
     def _act_quant_kernel(
         X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, CODES, SCALES, DOWN,
-        M, K, stride_xm, X_KIND: tl.constexpr,
+        M, K, stride_xm, m_bucket, X_KIND: tl.constexpr,
         HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr, LR_IEEE: tl.constexpr,
         STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
         QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
@@ -348,6 +348,11 @@ if HAS_TRITON:
                                          num_stages=stages))
         return configs
 
+    _act_quant_autotuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))],
+        key=["m_bucket", "K", "HAS_LOWRANK", "HAS_SMOOTH"],
+    )(_act_quant_kernel)
+
     _w4a4_gemm_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "HAS_LOWRANK"])(
         _w4a4_gemm_kernel)
 
@@ -393,21 +398,23 @@ def quantize_activations_triton(x2d: torch.Tensor, spec: QuantSpec, *, smooth: t
     fmt = spec.fmt
     info = torch.finfo(spec.scale_dtype)
     dummy = codes
+    args = (x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
+            static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
+            codes, scales, down if down is not None else dummy, m, k, x2d.stride(0), _m_bucket(m),
+            _dtype_kind(x2d.dtype))
+    flags = {
+        "HAS_SMOOTH": smooth is not None, "HAS_LOWRANK": l2t is not None, "RANK": rank,
+        "LR_IEEE": x2d.dtype == torch.float32 or _interpreting(), "STATIC": static_scale is not None,
+        "SYMMETRIC": spec.symmetric, "HAS_ZERO": spec.has_zero, "QMIN": fmt.qmin, "QMAX": fmt.qmax,
+        "QSYM": float(fmt.symmetric_qmax), "SYM_ZERO": float(fmt.symmetric_zero) if spec.symmetric else 0.0,
+        "SCALE_KIND": _SCALE_KINDS[spec.scale_dtype], "TINY": float(info.tiny), "FMAX": float(info.max),
+    }
+    if block_m is None and _interpreting():
+        block_m = 16
     if block_m is None:
-        block_m = 16 if _interpreting() else 64
-    grid = (triton.cdiv(m, block_m),)
-    _act_quant_kernel[grid](
-        x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
-        static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
-        codes, scales, down if down is not None else dummy,
-        m, k, x2d.stride(0), _dtype_kind(x2d.dtype),
-        HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
-        LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), STATIC=static_scale is not None, SYMMETRIC=spec.symmetric,
-        HAS_ZERO=spec.has_zero, QMIN=fmt.qmin, QMAX=fmt.qmax, QSYM=float(fmt.symmetric_qmax),
-        SYM_ZERO=float(fmt.symmetric_zero) if spec.symmetric else 0.0,
-        SCALE_KIND=_SCALE_KINDS[spec.scale_dtype], TINY=float(info.tiny), FMAX=float(info.max), BLOCK_M=block_m,
-        num_warps=4,
-    )  # fmt: skip
+        _act_quant_autotuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, **flags)
+    else:
+        _act_quant_kernel[(triton.cdiv(m, block_m),)](*args, **flags, BLOCK_M=block_m, num_warps=4)
     return QuantizedActivations(codes, scales, down)
 
 

@@ -40,7 +40,7 @@ from ..quant.tensor import QuantTensor
 from .fake_linear import FakeQuantLinear
 from .layer_map import is_block_kind, layer_kind
 
-__all__ = ["W4A4Linear", "convert_to_w4a4", "synthesize_w4a4", "w4a4_layers"]
+__all__ = ["W4A4Linear", "convert_to_w4a4", "synthesize_w4a4", "synthetic_w4a4_linear", "w4a4_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +246,10 @@ def convert_to_w4a4(model: nn.Module, *, backend: str = "auto") -> list[str]:
     return [name for name, _ in fakes]
 
 
-def _synthetic_layer(linear: nn.Linear, layer_cfg, rank: int, smooth: bool, generator: torch.Generator,
-                     name: str, backend: str) -> W4A4Linear:
+def synthetic_w4a4_linear(linear: nn.Linear, layer_cfg, rank: int, smooth: bool, generator: torch.Generator,
+                          name: str = "linear", backend: str = "auto") -> W4A4Linear:
+    """A ``W4A4Linear`` from a float linear (see ``synthesize_w4a4``); ``layer_cfg`` is a ``QuantConfig`` whose
+    ``wgts`` / ``ipts`` apply to this layer."""
     weight = linear.weight.detach().float()
     device = weight.device
     out_features, in_features = weight.shape
@@ -295,8 +297,8 @@ def synthesize_w4a4(model: nn.Module, qcfg, *, seed: int = 0, backend: str = "au
         if generator is None:
             generator = torch.Generator(device=linear.weight.device).manual_seed(int(seed))
         layer_cfg = quant_config_for_kind(qcfg, kind)
-        model.set_submodule(name, _synthetic_layer(linear, layer_cfg, rank, qcfg.smooth.enabled, generator, name,
-                                                   backend))
+        model.set_submodule(name, synthetic_w4a4_linear(linear, layer_cfg, rank, qcfg.smooth.enabled, generator, name,
+                                                        backend))
         names.append(name)
     if not names:
         raise ValueError("synthesize_w4a4: no block linear is quantized by this config (check quant.wgts.skips)")
