@@ -1,0 +1,184 @@
+"""KV-cache quantization benchmark: quality of the quantizers, calibration time, cache bytes, kernel speed.
+
+    python -m deepcompressor.bench.kv --json runs/bench/kv.json                 # GPU: every section, full sizes
+    python -m deepcompressor.bench.kv --small --device cpu --json /tmp/kv.json   # CPU smoke run
+
+Sections (``--sections``):
+
+* ``quality``: per-channel MSE (absolute and relative to the channel variance, held-out data) and attention-output
+  relative error of min-max, symmetric, per-token, KIVI-style, one-percentile-per-layer and our search, at 8 and
+  4 bits, on the real cached K/V of the tiny default model (``--synthetic`` or no ``infinity``: skewed synthetic
+  K/V, labelled so) — ``bench.kv_quality``;
+* ``calib_time``: the search over 8B-sized K/V (40 blocks x K/V x 28 heads x 128 channels, ``--tokens`` samples
+  each; ``--small``: 2 blocks x 4 heads, 2048 samples);
+* ``memory``: KV bytes of 2B and 8B at 1024x1024 (bf16 / INT8 / INT4, with and without the last scale stored)
+  from the schedule, and measured on real cache objects on the device (``--small``: 2 blocks, scaled to depth);
+* ``kernel`` (CUDA only): the fused INT8/INT4 attention vs bf16 SDPA at the 8B and 2B last-scale shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import kv_perf, kv_quality
+
+SECTIONS = ("quality", "calib_time", "memory", "kernel")
+logger = logging.getLogger("deepcompressor.bench.kv")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench.kv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--small", action="store_true", help="CPU-sized calibration-time and memory sections")
+    parser.add_argument("--synthetic", action="store_true", help="quality on synthetic K/V instead of the tiny model")
+    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts of the quality section")
+    parser.add_argument("--tokens", type=int, default=10240, help="samples per channel of the calib_time section")
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    args = parser.parse_args(argv)
+    wanted = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+    args.sections = wanted
+    return args
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def quality_section(args, device: torch.device) -> dict:
+    data = None
+    if not args.synthetic:
+        try:
+            data = kv_quality.real_kv_data(args.calib_prompts, device=str(device) if device.type == "cuda" else "cpu")
+        except ImportError as error:
+            logger.warning("infinity is not importable (%s): using synthetic K/V", error)
+    if data is None:
+        data = kv_quality.synthetic_kv_data()
+    start = time.perf_counter()
+    results = kv_quality.evaluate_methods(data)
+    return {"data": data.source, "seconds": time.perf_counter() - start, "results": results}
+
+
+def calib_time_section(args, device: torch.device) -> dict:
+    if args.small:
+        return kv_perf.calibration_time(2, 4, 128, 2048, device)
+    depth, width, heads = kv_perf.MODEL_SHAPES["8b"]
+    return kv_perf.calibration_time(depth, heads, width // heads, args.tokens, device)
+
+
+def memory_section(args, device: torch.device) -> dict:
+    out = {}
+    for model in ("2b", "8b"):
+        out[model] = {
+            "schedule": kv_perf.schedule_bytes(model),
+            "measured": kv_perf.measured_bytes(model, device, depth=2 if args.small else None),
+        }
+    return out
+
+
+def kernel_section(args, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "the kernel timing needs a CUDA device"}
+    return {model: kv_perf.kernel_timing(model, device) for model in ("8b", "2b")}
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f}"
+
+
+def format_tables(report: dict) -> str:
+    lines = []
+    if "quality" in report:
+        q = report["quality"]
+        lines += [
+            (
+                f"## Quantizer quality ({q['data']}): MSE / channel variance (mean over channels) on the calibration "
+                "data (fit) and on a held-out generation; attention-output relative error of the held-out generation "
+                "(current scale read quantized / in full precision; last scale only)"
+            ),
+            "",
+            (
+                "| method | bits | K fit | V fit | K held-out | V held-out | attn err | attn err (current full) | "
+                "attn err (last scale) |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, per_bits in q["results"].items():
+            for bits, r in per_bits.items():
+                cells = [r["fit_k_rel_mse"], r["fit_v_rel_mse"], r["k_rel_mse"], r["v_rel_mse"], r["attn_rel_err"],
+                         r["attn_rel_err_current_full"], r["attn_rel_err_last"]]  # fmt: skip
+                lines.append(f"| {method} | {bits} | " + " | ".join(f"{c:.2e}" for c in cells) + " |")
+        lines.append("")
+    if "calib_time" in report:
+        c = report["calib_time"]
+        s = c["shape"]
+        lines += [(f"## Calibration search time ({s['depth']} blocks x K/V x {s['heads']} heads x {s['head_dim']} = "
+                  f"{s['channels']} channels, {s['tokens']} samples each, {c['device']})"), "",
+                  "| format | seconds |", "|---|---|"]  # fmt: skip
+        lines += [f"| {fmt} | {sec:.2f} |" for fmt, sec in c["seconds"].items()]
+        lines.append("")
+    if "memory" in report:
+        lines += ["## KV-cache GiB at 1024x1024, CFG batch 2 (schedule / measured nbytes / measured allocated)", "",
+                  "| model | format | last scale stored | schedule | nbytes | allocated |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for model, m in report["memory"].items():
+            for key, value in m["measured"]["bytes"].items():
+                fmt, which = key.split("/")
+                lines.append(f"| {model} | {fmt} | {'yes' if which == 'with_last' else 'no'} | "
+                             f"{_gib(m['schedule']['bytes'][key])} | {_gib(value['nbytes'])} | "
+                             f"{_gib(value['allocated'])} |")  # fmt: skip
+            if m["measured"]["depth_measured"] != m["measured"]["depth_model"]:
+                lines.append(f"| {model} | (measured on {m['measured']['depth_measured']} blocks, scaled) | | | | |")
+        lines.append("")
+    if "kernel" in report:
+        k = report["kernel"]
+        if "skipped" in k:
+            lines += [f"## Kernel: skipped ({k['skipped']})", ""]
+        else:
+            lines += ["## Last-scale attention of one block (ms, median)", "",
+                      ("| model | bf16 SDPA | INT8 fused | INT4 fused | INT8 dequant+SDPA | INT4 dequant+SDPA | "
+                      "INT8 err vs fake-quant | quantize one K (INT8) |"), "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for model, r in k.items():
+                lines.append(f"| {model} | {r['sdpa_bf16']['ms']:.3f} | {r['int8']['ms']:.3f} | {r['int4']['ms']:.3f} | "
+                             f"{r['int8']['dequant_plus_sdpa_ms']:.3f} | {r['int4']['dequant_plus_sdpa_ms']:.3f} | "
+                             f"{r['int8']['rel_err_vs_fake_quant_fp32']:.2e} | "
+                             f"{r['int8']['quantize_kv_ms_per_tensor']:.3f} |")  # fmt: skip
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    device = _device(args.device)
+    report = {"device": str(device), "small": args.small}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    sections = {"quality": quality_section, "calib_time": calib_time_section, "memory": memory_section,
+                "kernel": kernel_section}  # fmt: skip
+    for name in args.sections:
+        logger.info("section %s", name)
+        start = time.perf_counter()
+        report[name] = sections[name](args, device)
+        logger.info("section %s done in %.1f s", name, time.perf_counter() - start)
+    print(format_tables(report))
+    if args.json:
+        from ..app.diffusion.files import write_json
+
+        write_json(args.json, report)
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Quality of KV-cache quantizers: per-channel MSE and attention-output error on held-out K/V.
+
+Data: the real cached K/V (and queries) of the tiny default Infinity model (``infinity`` importable), or, with
+``synthetic=True`` or without ``infinity``, skewed synthetic K/V shaped like a small model (labelled as such).
+Quantizers are fitted on calibration generations and evaluated on a held-out generation:
+
+* ``minmax``: asymmetric per channel over [min, max];
+* ``symmetric``: symmetric per channel, ``max|x|``;
+* ``per_token``: dynamic asymmetric min-max per token and head (K and V);
+* ``kivi``: K per channel (min-max), V per token (KIVI's split);
+* ``layer_percentile``: one asymmetric range per (block, K/V) at the best grid percentile;
+* ``ours``: the MSE-optimal per-channel clipping search (``calib.kv.search_clipping_bounds``).
+
+Attention error: every (block, scale) self-attention of the held-out generation recomputed in float64 with the
+quantized K/V of all scales so far (the current scale's too, as the cache reads them) against full precision:
+``sqrt(sum |o_q - o|^2 / sum |o|^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..calib.kv import (
+    fake_quantize_asymmetric,
+    fake_quantize_per_token,
+    minmax_asymmetric,
+    per_group_percentile,
+    search_clipping_bounds,
+    symmetric_per_channel,
+)
+
+__all__ = ["METHODS", "AttentionCall", "KVData", "evaluate_methods", "real_kv_data", "synthetic_kv_data"]
+
+METHODS = ("minmax", "symmetric", "per_token", "kivi", "layer_percentile", "ours")
+
+
+@dataclass
+class AttentionCall:
+    """One self-attention of the held-out generation: ``q, k, v [B, H, L, c]`` (float32, CPU)."""
+
+    block: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class KVData:
+    """Calibration rows per (block, K/V) ``[N, H * c]`` and the held-out attention calls, in call order."""
+
+    source: str
+    depth: int
+    num_heads: int
+    head_dim: int
+    calibration: dict  # (block, which) -> rows
+    calls: list[AttentionCall]
+
+
+class _CaptureLayer:
+    """Records q, k, v of every attend call of one block, then delegates."""
+
+    def __init__(self, inner, block: int, calls: list) -> None:
+        self.inner, self.block, self.calls = inner, block, calls
+
+    def attend(self, q, k, v, *, store: bool):
+        self.calls.append(AttentionCall(self.block, q.detach().float().cpu(), k.detach().float().cpu(),
+                                        v.detach().float().cpu()))  # fmt: skip
+        return self.inner.attend(q, k, v, store=store)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def real_kv_data(num_calibration: int = 4, max_tokens: int = 4096, eval_offset: int = 512, device: str = "cpu"):
+    """Record the tiny default model: calibration prompts 0..n-1, held-out prompt ``eval_offset`` (qdiff)."""
+    from infinity.pipeline import load_pipeline
+
+    from ..app.diffusion.capture import load_prompt_set
+    from ..nn.kv_cache import KVRecorder
+
+    pipe = load_pipeline("tiny", device=device)
+    model, arch = pipe.transformer, pipe.arch
+    prompts = [caption for _, caption in load_prompt_set("qdiff", 0, num_calibration)]
+    with KVRecorder(model, max_tokens, seed=0) as recorder:
+        for i, caption in enumerate(prompts):
+            pipe.generate([caption], seed=i)
+    calibration = {(block, which): rows for block, which, rows in recorder.blocks()}
+    calls: list[AttentionCall] = []
+    inner = model.kv_cache_factory
+
+    def capture_factory(m):
+        cache = inner(m)
+        cache.layers = [_CaptureLayer(layer, i, calls) for i, layer in enumerate(cache.layers)]
+        return cache
+
+    model.kv_cache_factory = capture_factory
+    try:
+        held_out = load_prompt_set("qdiff", eval_offset, 1)[0][1]
+        pipe.generate([held_out], seed=1234)
+    finally:
+        model.kv_cache_factory = inner
+    return KVData("tiny model (real K/V)", arch.depth, arch.num_heads, arch.head_dim, calibration, calls)
+
+
+def _synthetic_kv(gen, batch, heads, length, dim, k_offset, v_offset, v_spread):
+    k = torch.randn(batch, heads, length, dim, generator=gen) + k_offset
+    exponential = -torch.log(torch.rand(k.shape, generator=gen).clamp_min(1e-12)) / 2.0
+    k = k + 3.0 * exponential * (k_offset > 1.5)  # right-skewed channels
+    v = torch.randn(batch, heads, length, dim, generator=gen) * v_spread + v_offset
+    outliers = torch.rand(batch, heads, length, dim, generator=gen) < 2e-3
+    v = v + outliers * 8.0 * v_spread
+    return F.normalize(k, dim=-1), v
+
+
+def synthetic_kv_data(depth: int = 4, heads: int = 4, dim: int = 64, seed: int = 0) -> KVData:
+    """Skewed synthetic K/V on the 0.06M schedule (1..16x16 tokens), CFG batch 2; cos-attention queries."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 4, 16, 36, 64, 144, 256]
+    offsets = []
+    for _ in range(depth):
+        k_offset = torch.randn(heads, 1, dim, generator=gen) * torch.rand(heads, 1, dim, generator=gen) * 2.5
+        v_offset = torch.randn(heads, 1, dim, generator=gen)
+        v_spread = 0.2 + torch.rand(heads, 1, dim, generator=gen) ** 3 * 3
+        offsets.append((k_offset, v_offset, v_spread))
+    calibration = {}
+    for block, (ko, vo, vs) in enumerate(offsets):
+        k, v = _synthetic_kv(gen, 8, heads, sum(sizes), dim, ko, vo, vs)
+        calibration[(block, 0)] = k.permute(0, 2, 1, 3).reshape(-1, heads * dim)
+        calibration[(block, 1)] = v.permute(0, 2, 1, 3).reshape(-1, heads * dim)
+    calls = []
+    for size in sizes:
+        for block, (ko, vo, vs) in enumerate(offsets):
+            k, v = _synthetic_kv(gen, 2, heads, size, dim, ko, vo, vs)
+            q = F.normalize(torch.randn(2, heads, size, dim, generator=gen) + ko, dim=-1) * 20
+            calls.append(AttentionCall(block, q, k, v))
+    return KVData("synthetic skewed K/V (no model)", depth, heads, dim, calibration, calls)
+
+
+def _static_quantizers(method: str, rows: torch.Tensor, bits: int, num_channels: int):
+    if method == "minmax":
+        return minmax_asymmetric(rows, bits)
+    if method == "symmetric":
+        return symmetric_per_channel(rows, bits)
+    if method == "layer_percentile":
+        return per_group_percentile(rows, bits, group_size=num_channels)
+    if method == "ours":
+        return search_clipping_bounds(rows, bits)
+    raise ValueError(method)
+
+
+def _fake_quantizer(method: str, which: int, found, bits: int, heads: int, dim: int):
+    """x [B, H, L, c] -> fake-quantized x, for one (block, K/V)."""
+    dynamic = method == "per_token" or (method == "kivi" and which == 1)
+    if dynamic:
+        return lambda x: fake_quantize_per_token(x, bits, dim)
+    scale = found.scale.view(heads, 1, dim)
+    zero = found.zero.view(heads, 1, dim)
+    return lambda x: fake_quantize_asymmetric(x, scale, zero, bits)
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    b, h, length, c = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b * length, h * c)
+
+
+def _channel_errors(quantize, rows: torch.Tensor, heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel MSE and MSE / variance of ``rows [N, H * c]`` under ``quantize`` (x [1, H, N, c] -> x_hat)."""
+    x = rows.float().view(1, -1, heads, dim).permute(0, 2, 1, 3)
+    err = (quantize(x) - x).square().mean(dim=2).reshape(-1)
+    return err, err / x.var(dim=2).reshape(-1).clamp_min(1e-12)
+
+
+def evaluate_methods(data: KVData, bits_list=(8, 4), methods=METHODS) -> dict:
+    """``{method: {bits: metrics}}``: per-channel MSE on the calibration data (fit) and on the held-out generation
+    (``k_mse``, ``v_mse``, ``*_rel_mse`` = MSE / channel variance, means over channels), and the attention error of
+    the held-out generation (current scale's K/V quantized as the cache reads them, or in full precision)."""
+    heads, dim = data.num_heads, data.head_dim
+    held_out = {}
+    for which in (0, 1):
+        for block in range(data.depth):
+            tensors = [(c.k if which == 0 else c.v) for c in data.calls if c.block == block]
+            held_out[(block, which)] = torch.cat([_token_rows(t) for t in tensors])
+    results = {}
+    for method in methods:
+        results[method] = {}
+        for bits in bits_list:
+            quantizers = {}
+            for key, rows in data.calibration.items():
+                dynamic = method == "per_token" or (method == "kivi" and key[1] == 1)
+                found = None if dynamic else _static_quantizers("minmax" if method == "kivi" else method, rows, bits,
+                                                                heads * dim)  # fmt: skip
+                quantizers[key] = _fake_quantizer(method, key[1], found, bits, heads, dim)
+            metrics = {}
+            for split, source in (("fit", data.calibration), ("held_out", held_out)):
+                errors = {0: ([], []), 1: ([], [])}
+                for (block, which), rows in source.items():
+                    err, rel = _channel_errors(quantizers[(block, which)], rows, heads, dim)
+                    errors[which][0].append(err)
+                    errors[which][1].append(rel)
+                prefix = "" if split == "held_out" else "fit_"
+                for which, name in ((0, "k"), (1, "v")):
+                    metrics[f"{prefix}{name}_mse"] = torch.cat(errors[which][0]).mean().item()
+                    metrics[f"{prefix}{name}_rel_mse"] = torch.cat(errors[which][1]).mean().item()
+            metrics.update(_attention_error(data, quantizers))
+            results[method][bits] = metrics
+    return results
+
+
+def _attention_error(data: KVData, quantizers: dict) -> dict:
+    prefix = {block: ([], [], [], []) for block in range(data.depth)}  # fp k, fp v, quantized k, quantized v
+    sums = {"all": [0.0, 0.0], "last": [0.0, 0.0], "current_full": [0.0, 0.0]}
+    last_size = max(c.q.shape[2] for c in data.calls)
+    for call in data.calls:
+        ks, vs, kqs, vqs = prefix[call.block]
+        k, v = call.k.double(), call.v.double()
+        q = call.q.double()
+        kq = quantizers[(call.block, 0)](call.k).double()
+        vq = quantizers[(call.block, 1)](call.v).double()
+        ref = F.scaled_dot_product_attention(q, torch.cat(ks + [k], 2), torch.cat(vs + [v], 2), scale=1.0)
+        out = F.scaled_dot_product_attention(q, torch.cat(kqs + [kq], 2), torch.cat(vqs + [vq], 2), scale=1.0)
+        out_full = F.scaled_dot_product_attention(q, torch.cat(kqs + [k], 2), torch.cat(vqs + [v], 2), scale=1.0)
+        norm = ref.square().sum().item()
+        for name, candidate, counted in (("all", out, True), ("last", out, call.q.shape[2] == last_size),
+                                         ("current_full", out_full, True)):  # fmt: skip
+            if counted:
+                sums[name][0] += (candidate - ref).square().sum().item()
+                sums[name][1] += norm
+        ks.append(k)
+        vs.append(v)
+        kqs.append(kq)
+        vqs.append(vq)
+    return {
+        "attn_rel_err": math.sqrt(sums["all"][0] / sums["all"][1]),
+        "attn_rel_err_last": math.sqrt(sums["last"][0] / sums["last"][1]),
+        "attn_rel_err_current_full": math.sqrt(sums["current_full"][0] / sums["current_full"][1]),
+    }
