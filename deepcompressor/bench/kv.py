@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true", help="quality on synthetic K/V instead of the tiny model")
     parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts of the quality section")
     parser.add_argument("--tokens", type=int, default=10240, help="samples per channel of the calib_time section")
+    parser.add_argument("--sweep", action="store_true", help="kernel section: time launch configurations instead")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
     wanted = [s for s in args.sections.split(",") if s]
@@ -90,6 +91,8 @@ def memory_section(args, device: torch.device) -> dict:
 def kernel_section(args, device: torch.device) -> dict:
     if device.type != "cuda":
         return {"skipped": "the kernel timing needs a CUDA device"}
+    if args.sweep:
+        return {"sweep": kv_perf.kernel_sweep("8b", device)}
     return {model: kv_perf.kernel_timing(model, device) for model in ("8b", "2b")}
 
 
@@ -144,6 +147,10 @@ def format_tables(report: dict) -> str:
         k = report["kernel"]
         if "skipped" in k:
             lines += [f"## Kernel: skipped ({k['skipped']})", ""]
+        elif "sweep" in k:
+            lines += ["## Kernel launch sweep, 8B last scale (ms)", ""] + [
+                f"- {c}: {ms}" for c, ms in k["sweep"].items()
+            ]
         else:
             lines += ["## Last-scale attention of one block (ms, median)", "",
                       ("| model | bf16 SDPA | INT8 fused | INT4 fused | INT8 dequant+SDPA | INT4 dequant+SDPA | "

@@ -180,3 +180,27 @@ def _time_format(q, k, v, ref, bits: int, flops: float, device: torch.device) ->
         "quantize_kv_ms_per_tensor": _bench(lambda: kva.quantize_kv(k, k_scale, k_zero, bits, out=kc), device),
         "dequant_plus_sdpa_ms": _bench(lambda: kva.reference_kv_attention(*args), device),
     }
+
+
+SWEEP_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2))
+
+
+def kernel_sweep(model: str, device: torch.device, configs=SWEEP_CONFIGS, queries: int = 4096, keys: int = 10521):
+    """Median ms of the fused kernel per launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    _, width, heads = MODEL_SHAPES[model]
+    q, k, v = (t.to(torch.bfloat16) for t in (torch.randn(2, heads, n, width // heads, device=device)
+                                               for n in (queries, keys, keys)))  # fmt: skip
+    out = {}
+    for bits in (8, 4):
+        k_scale, k_zero = asymmetric_qparams(k.float().amin(dim=(0, 2)), k.float().amax(dim=(0, 2)), bits)
+        v_scale, v_zero = asymmetric_qparams(v.float().amin(dim=(0, 2)), v.float().amax(dim=(0, 2)), bits)
+        kc, vc = kva.quantize_kv(k, k_scale, k_zero, bits), kva.quantize_kv(v, v_scale, v_zero, bits)
+        for config in configs:
+            args = (q, kc, vc, keys, k_scale, k_zero, v_scale, v_zero, bits)
+            try:
+                ms = _bench(lambda a=args, c=config: kva.quantized_kv_attention(*a, launch=c), device)
+            except Exception as error:  # noqa: BLE001 - a configuration the compiler refuses is reported, not fatal
+                ms = f"failed: {type(error).__name__}"
+            out[f"int{bits}/{'x'.join(map(str, config))}"] = ms
+            print(f"sweep {model} int{bits} {config}: {ms}", flush=True)
+    return out
