@@ -77,3 +77,15 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
         assert row["check_vs_torch_path_rel"] == 0.0  # CPU runs the PyTorch path itself
         assert 0.01 < row["quant_error_vs_16bit_rel"] < 0.5  # 4-bit, with random (unsearched) smoothing
         assert row["weight_bytes"]["w4a4_layer"] < row["weight_bytes"]["bf16"]  # rank 32 is large at tiny widths
+
+
+def test_gpu_check_passes_on_correct_kernels():
+    """The GPU correctness check of deepcompressor.bench.w4a4_gpu, run under the interpreter at a small shape."""
+    import torch
+
+    from deepcompressor.bench.w4a4_gpu import check_shape
+
+    row = check_shape(40, 128, "uint4", False, "sint4", True, device=torch.device("cpu"), seed=0, tokens=24)
+    assert row["passed"], row
+    assert row["float32"]["rel_err_vs_fake_quant"] < 1e-5
+    assert row["bfloat16"]["rel_err_vs_float64"] < 2**-7

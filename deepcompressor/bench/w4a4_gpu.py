@@ -1,0 +1,170 @@
+"""One command for the GPU: correctness of the W4A4 kernels at the real layer shapes, the kernel micro-benchmark,
+and the end-to-end latency / memory runs of Infinity-2B and -8B; every part writes JSON into ``--out``.
+
+    python -m deepcompressor.bench.w4a4_gpu --out runs/bench/w4a4                  # check, kernels, 2b, 8b
+    python -m deepcompressor.bench.w4a4_gpu --out runs/bench/w4a4 --parts check kernels
+    python -m deepcompressor.bench.w4a4_gpu --out runs/bench/w4a4 --parts 8b --artifacts-8b DIR --kv-calib-8b PATH
+
+``check`` (``check.json``), at every 2B/8B block-linear shape with 2 x 64 tokens and several formats:
+
+- the activation kernel's codes and scales equal ``deepcompressor.quant.quantize`` exactly (float32 and bfloat16
+  inputs, with smoothing);
+- the GEMM kernel equals the float64 product of the dequantized operands (+ branch + bias) to float32 rounding;
+- ``W4A4Linear`` equals ``FakeQuantLinear`` in float32 (relative error below 1e-5) and, in bfloat16, the float64
+  evaluation of its own quantized operands to bfloat16 rounding.
+
+End-to-end parts run ``infinity_w4a4_test`` (``deepcompressor.bench.w4a4_pipeline``) with random-initialised
+weights at 1024x1024 and CFG 3 (``2b.json`` / ``8b.json``): synthetic W4A4 layers and synthetic per-channel KV
+scales unless artifacts / a KV calibration file are given. Exit code 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("deepcompressor.bench.w4a4_gpu")
+
+PARTS = ("check", "kernels", "2b", "8b")
+CHECK_TOKENS = 128
+FP32_TOL = 1e-5
+BF16_TOL = 2**-7
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.w4a4_gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench/w4a4", help="Folder of the JSON results")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    for arch in ("2b", "8b"):
+        parser.add_argument(f"--artifacts-{arch}", default=None, help=f"PTQ artifacts of the {arch} model")
+        parser.add_argument(f"--kv-calib-{arch}", default=None, help=f"KV calibration file of the {arch} model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_shape(n: int, k: int, wfmt: str, wsym: bool, afmt: str, asym: bool, device: torch.device, seed: int,
+                tokens: int = CHECK_TOKENS) -> dict:
+    """The checks of one ``[n, k]`` layer with ``tokens`` random tokens (see the module docstring)."""
+    from ..config.schema import ActivationQuantConfig, WeightQuantConfig
+    from ..kernels.w4a4 import quantize_activations_torch, quantize_activations_triton
+    from ..nn.fake_linear import FakeQuantLinear
+    from ..nn.w4a4_linear import W4A4Linear
+    from ..quant import quantize
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    wgts = WeightQuantConfig(dtype=wfmt, group_size=64, symmetric=wsym)
+    ipts = ActivationQuantConfig(dtype=afmt, group_size=64, symmetric=asym)
+    rank = 32
+    w = torch.randn(n, k, device=device, generator=gen) * k**-0.5
+    s = torch.rand(k, device=device, generator=gen) + 0.5
+    l1 = (torch.randn(n, rank, device=device, generator=gen) * 0.05).bfloat16()
+    l2 = (torch.randn(rank, k, device=device, generator=gen) * 0.05).bfloat16()
+    bias = torch.randn(n, device=device, generator=gen) * 0.1
+    fake = FakeQuantLinear(k, n, qweight=quantize(w * s - l1.float() @ l2.float(), wgts), bias=bias,
+                           smooth_scale=s, lowrank_l1=l1, lowrank_l2=l2, wgts=wgts, ipts=ipts, name=f"{n}x{k}")
+    real = W4A4Linear.from_fake(fake, backend="triton")
+    x = torch.randn(tokens, k, device=device, generator=gen) * (torch.rand(k, device=device, generator=gen) * 4)
+    row = {"N": n, "K": k, "weights": f"{wfmt}{'' if wsym else ' asym'}", "inputs": f"{afmt}{'' if asym else ' asym'}"}
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = str(dtype).removeprefix("torch.")
+        xd = x.to(dtype)
+        smooth, l2t = real._cast("smooth_scale", dtype), real._cast("lowrank_l2t", dtype)
+        got = quantize_activations_triton(xd, real.ispec, smooth=smooth, l2t=l2t)
+        ref = quantize_activations_torch(xd, real.ispec, smooth=smooth, l2t=l2t)
+        codes_equal = float((got.codes == ref.codes).float().mean())
+        scales_equal = float((got.scales == ref.scales).float().mean())
+        y = real(xd)
+        a64 = (ref.codes.double().reshape(tokens, k // 64, 64) * ref.scales.double().t().unsqueeze(-1))
+        y64 = a64.reshape(tokens, k) @ fake.qweight.dequantize(torch.float64).t()
+        y64 = y64 + ref.down.double() @ real._cast("lowrank_l1t", dtype).double() + bias.to(dtype).double()
+        err64 = _rel(y, y64)
+        err_fake = _rel(y, fake(xd))
+        tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+        passed = codes_equal == 1.0 and scales_equal == 1.0 and err64 < tol
+        if dtype == torch.float32:
+            passed = passed and err_fake < FP32_TOL
+        row[tag] = {"codes_equal": codes_equal, "scales_equal": scales_equal, "rel_err_vs_float64": err64,
+                    "rel_err_vs_fake_quant": err_fake, "passed": passed}
+        ok = ok and passed
+    row["passed"] = ok
+    return row
+
+
+def run_check(out: Path) -> bool:
+    from ..app.diffusion.files import write_json
+    from .w4a4 import layer_shapes
+
+    device = torch.device("cuda")
+    formats = [("sint4", True, "sint4", True), ("uint4", False, "uint4", False)]
+    rows = []
+    for arch in ("2b", "8b"):
+        for i, (layer, n, k) in enumerate(layer_shapes(arch)):
+            for j, fmt in enumerate(formats):
+                if j and i:  # the asymmetric formats once per arch
+                    continue
+                row = check_shape(n, k, *fmt, device=device, seed=10 * i + j)
+                row.update(arch=arch, layer=layer)
+                rows.append(row)
+                logger.info("check %s %s %s: %s", arch, layer, fmt, "ok" if row["passed"] else f"FAILED {row}")
+    passed = all(r["passed"] for r in rows)
+    write_json(out / "check.json", {"device": torch.cuda.get_device_name(device), "passed": passed, "rows": rows})
+    print(f"check: {'passed' if passed else 'FAILED'} ({sum(r['passed'] for r in rows)}/{len(rows)} shapes)")
+    return passed
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+def _pipeline_argv(arch: str, args, out: Path) -> list[str]:
+    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--pipeline-random-init",
+            "--pipeline-transformer-path", "null", "--pipeline-vae-path", "null", "--pipeline-text-encoder-path",
+            "null", "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json", str(out / f"{arch}.json")]
+    artifacts, kv_calib = getattr(args, f"artifacts_{arch}"), getattr(args, f"kv_calib_{arch}")
+    if artifacts:
+        argv += ["--artifacts", artifacts]
+    argv += ["--kv-calib", kv_calib] if kv_calib else ["--kv-synthetic"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import w4a4, w4a4_pipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("w4a4_gpu: needs a CUDA device (use deepcompressor.bench.w4a4 --device cpu for a CPU smoke run)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    status = {}
+    if "check" in args.parts:
+        status["check"] = run_check(out)
+    if "kernels" in args.parts:
+        status["kernels"] = w4a4.main(["--json", str(out / "kernels.json")]) == 0
+    for arch in ("2b", "8b"):
+        if arch in args.parts:
+            gc.collect()
+            torch.cuda.empty_cache()
+            status[arch] = w4a4_pipeline.main(_pipeline_argv(arch, args, out)) == 0
+    print(json.dumps(status))
+    return 0 if all(status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
