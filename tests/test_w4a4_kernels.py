@@ -163,7 +163,8 @@ def test_gemm_kernel_matches_float64(wfmt, wsym, afmt, asym, dtype, lowrank, wit
     act = quantize_activations_torch(x, spec, l2t=l2t)
     qt, packed, scale, zero = _weights(n, k, _wgt_cfg(wfmt, wsym), seed=6)
 
-    got = w4a4_matmul_triton(act, packed, scale, zero, qt.format.signed, l1t=l1t, bias=bias, out_dtype=dtype)
+    got, got_swapped = (w4a4_matmul_triton(act, packed, scale, zero, qt.format.signed, l1t=l1t, bias=bias,
+                                           out_dtype=dtype, variant=variant) for variant in ("ab", "swapped"))
     torch_path = w4a4_matmul_torch(act, packed, scale, zero, qt.format.signed, l1t=l1t, bias=bias, out_dtype=dtype)
 
     # float64: dequantized activations times dequantized weights, plus branch and bias.
@@ -175,10 +176,12 @@ def test_gemm_kernel_matches_float64(wfmt, wsym, afmt, asym, dtype, lowrank, wit
         ref = ref + bias.double()
     scale_ref = ref.abs().max().item()
     tol = 1e-6 if dtype == torch.float32 else 2**-8
-    for y in (got, torch_path):
+    for y in (got, got_swapped, torch_path):
         assert y.dtype == dtype and y.shape == (m, n)
         assert torch.allclose(y.double(), ref, rtol=tol, atol=tol * scale_ref * 1e-2)
     assert (got.double() - torch_path.double()).abs().max().item() <= tol * scale_ref
+    # The transposed kernel computes the same sums in the same group order.
+    assert (got.double() - got_swapped.double()).abs().max().item() <= tol * scale_ref
 
 
 def test_gemm_rejects_mismatched_weights():
@@ -189,5 +192,7 @@ def test_gemm_rejects_mismatched_weights():
         w4a4_matmul(act, packed[:, :32], scale, zero, True)
     with pytest.raises(ValueError, match="weight scale"):
         w4a4_matmul(act, packed, scale.t(), zero, True)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        w4a4_matmul(act, packed, scale, zero, True, backend="triton", variant="fast")
     with pytest.raises(ValueError, match="no down projection"):
         w4a4_matmul(act, packed, scale, zero, True, backend="triton", l1t=torch.zeros(16, 8))

@@ -6,7 +6,8 @@ median latency of
 
 - ``bf16``: ``torch.matmul`` of 16-bit activations and weights (the baseline);
 - ``int8``: ``torch._int_mm`` of int8 activations and weights (plain INT8 tensor-core GEMM, no scales: a bound);
-- ``w4a4_gemm``: the W4A4 GEMM kernel on already quantized activations (per-group int8 products, scaling);
+- ``w4a4_gemm``: the W4A4 GEMM kernel on already quantized activations (per-group int8 products, scaling), with
+  the variant chosen by measurement, and each variant alone (``w4a4_gemm_ab``, ``w4a4_gemm_swapped``);
 - ``w4a4_gemm_lr``: the same with the low-rank up projection and bias in the epilogue;
 - ``act_quant`` / ``act_quant_nolr``: the activation kernel (smoothing, 4-bit quantization) with / without the fused
   low-rank down projection, and ``down_bf16``: that down projection as a separate 16-bit GEMM instead;
@@ -133,6 +134,11 @@ def bench_shape(arch: str, layer: str, n: int, k: int, m: int, args, device: tor
         extra["grouped_weight"] = layer_mod._cpu_grouped_weight()
     results["w4a4_gemm"] = median_ms(
         lambda: kernels.w4a4_matmul(act, *weight, backend=backend, out_dtype=dtype, **extra), **timing)
+    if kernels.use_triton(device, backend):
+        for variant in ("ab", "swapped"):
+            results[f"w4a4_gemm_{variant}"] = median_ms(
+                lambda v=variant: kernels.w4a4_matmul(act, *weight, backend=backend, out_dtype=dtype, variant=v),
+                **timing)
     results["w4a4_gemm_lr"] = median_ms(
         lambda: kernels.w4a4_matmul(act, *weight, backend=backend, l1t=l1t, bias=bias, out_dtype=dtype, **extra),
         **timing)
@@ -155,7 +161,8 @@ def bench_shape(arch: str, layer: str, n: int, k: int, m: int, args, device: tor
         "dtype": str(dtype).removeprefix("torch."),
         "ms": results,
         "tflops": {name: flops / (ms * 1e-3) / 1e12 for name, ms in results.items()
-                   if name in ("bf16", "int8", "w4a4_gemm", "w4a4_gemm_lr", "layer")},
+                   if name in ("bf16", "int8", "w4a4_gemm", "w4a4_gemm_ab", "w4a4_gemm_swapped", "w4a4_gemm_lr",
+                               "layer")},
         "speedup_layer_vs_bf16": results["bf16"] / results["layer"],
         "weight_bytes": {"bf16": 2 * n * k, "w4a4_layer": layer_mod.nbytes()},
         "check_vs_torch_path_rel": _relative(y, torch_path),
@@ -174,10 +181,15 @@ def _torch_path_output(layer_mod, rows: torch.Tensor) -> torch.Tensor:
         layer_mod.backend = backend
 
 
-def _gemm_config(kernels) -> str | None:
-    tuned = getattr(kernels, "_w4a4_gemm_autotuned", None)
-    best = getattr(tuned, "best_config", None)
-    return None if best is None else str(best)
+def _gemm_config(kernels) -> dict:
+    """The autotuners' last choices and the variant choices made so far."""
+    configs = {}
+    for name in ("_w4a4_gemm_autotuned", "_w4a4_gemm_swapped_autotuned", "_act_quant_autotuned"):
+        best = getattr(getattr(kernels, name, None), "best_config", None)
+        if best is not None:
+            configs[name.strip("_")] = str(best)
+    configs["variants"] = {str(key[:3]): choice for key, choice in kernels._variant_choice.items()}
+    return configs
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -225,11 +237,18 @@ def _ms_tflops(row: dict, name: str) -> str:
     return f"{row['ms'][name]:7.3f} {row['tflops'][name]:7.3g}"
 
 
+def _variants(ms: dict) -> str:
+    if "w4a4_gemm_ab" not in ms:
+        return f"{'-':>15}"
+    return f"{ms['w4a4_gemm_ab']:7.3f} {ms['w4a4_gemm_swapped']:7.3f}"
+
+
 def format_table(res: dict) -> str:
     title = (f"W4A4 linear micro-benchmark on {res['device']} ({res['dtype']}, backend {res['backend']}, median of "
              f"{res['repeats']}): ms and TFLOP/s (TOP/s for int8 / w4a4) at 2 M N K")
     header = (f"{'arch':<5} {'layer':<25} {'M':>6} {'N':>6} {'K':>6} | {'bf16':>15} | {'int8 _int_mm':>15} | "
-              f"{'w4a4 gemm':>15} | {'+lowrank':>8} | {'act q':>7} {'(nolr':>7} {'+bf16 dn)':>9} | "
+              f"{'w4a4 gemm':>15} | {'ab / swapped ms':>15} | {'+lowrank':>8} | {'act q':>7} {'(nolr':>7} "
+              f"{'+bf16 dn)':>9} | "
               f"{'layer':>15} | {'x bf16':>6} | {'chk':>7}")
     lines = [title, header]
     for row in res["rows"]:
@@ -237,7 +256,7 @@ def format_table(res: dict) -> str:
         lines.append(
             f"{row['arch']:<5} {row['layer']:<25} {row['M']:>6} {row['N']:>6} {row['K']:>6} | "
             f"{_ms_tflops(row, 'bf16')} | {_ms_tflops(row, 'int8')} | {_ms_tflops(row, 'w4a4_gemm')} | "
-            f"{ms['w4a4_gemm_lr']:8.3f} | {ms['act_quant']:7.3f} {ms['act_quant_nolr']:7.3f} {ms['down_bf16']:9.3f} | "
+            f"{_variants(ms)} | {ms['w4a4_gemm_lr']:8.3f} | {ms['act_quant']:7.3f} {ms['act_quant_nolr']:7.3f} {ms['down_bf16']:9.3f} | "
             f"{_ms_tflops(row, 'layer')} | {row['speedup_layer_vs_bf16']:6.2f} | {row['check_vs_torch_path_rel']:7.1e}")
     lines.append("chk: relative difference of the layer's output to the PyTorch path of the same arithmetic; "
                  "act q: activation kernel with the fused low-rank down projection, (nolr: without it, +bf16 dn: "

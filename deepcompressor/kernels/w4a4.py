@@ -21,6 +21,7 @@ and evaluates the same per-group sums (``w4a4_matmul_torch``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
 
 __all__ = [
     "BACKENDS",
+    "GEMM_VARIANTS",
     "HAS_TRITON",
     "QuantizedActivations",
     "centred_weight_codes",
@@ -54,6 +56,8 @@ __all__ = [
     "w4a4_matmul_torch",
     "w4a4_matmul_triton",
 ]
+
+logger = logging.getLogger(__name__)
 
 HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
@@ -283,6 +287,17 @@ if HAS_TRITON:
             tl.store(d_ptr, _round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
+    def _unpack_nibbles(packed, B_SIGNED: tl.constexpr):
+        # int8 bytes -> (low nibbles, high nibbles) as int8, sign-extended for signed codes.
+        if B_SIGNED:
+            lo = ((packed << 4).to(tl.int8) >> 4).to(tl.int8)
+            hi = (packed >> 4).to(tl.int8)
+        else:
+            lo = (packed & 15).to(tl.int8)
+            hi = ((packed >> 4) & 15).to(tl.int8)
+        return lo, hi
+
+    @triton.jit
     def _w4a4_gemm_kernel(
         A, A_SCALES, B, B_SCALES, B_ZERO, DOWN, L1T, BIAS, Y,
         M, N, K, stride_ym, m_bucket, Y_KIND: tl.constexpr,
@@ -312,12 +327,7 @@ if HAS_TRITON:
             a_lo = tl.load(a_ptr + g * 64, mask=m_mask[:, None], other=0)
             a_hi = tl.load(a_ptr + g * 64 + 32, mask=m_mask[:, None], other=0)
             packed = tl.load(b_ptr + g * 32, mask=n_mask[None, :], other=0)  # int8 view, [32, BLOCK_N]
-            if B_SIGNED:
-                w_lo = ((packed << 4).to(tl.int8) >> 4).to(tl.int8)
-                w_hi = (packed >> 4).to(tl.int8)
-            else:
-                w_lo = (packed & 15).to(tl.int8)
-                w_hi = ((packed >> 4) & 15).to(tl.int8)
+            w_lo, w_hi = _unpack_nibbles(packed, B_SIGNED)
             if HAS_ZERO:
                 z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0)
                 w_lo = (w_lo - z[None, :]).to(tl.int8)
@@ -340,6 +350,60 @@ if HAS_TRITON:
         y_ptr = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptr, _round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
+    @triton.jit
+    def _w4a4_gemm_swapped_kernel(
+        A, A_SCALES, B, B_SCALES, B_ZERO, DOWN, L1T, BIAS, Y,
+        M, N, K, stride_ym, m_bucket, Y_KIND: tl.constexpr,
+        B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
+        LR_IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        # Same result as _w4a4_gemm_kernel, computed transposed: Y^T tile = W tile @ X^T tile. The unpacked weights
+        # are then the left operand, which Hopper's tensor cores may read from registers (the right one must come
+        # from shared memory), and few tokens fill the narrow side of the product. GROUP_M groups weight tiles here.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tiles_m
+        first_n = (pid // per_group) * GROUP_M
+        size_n = tl.minimum(tiles_n - first_n, GROUP_M)
+        pid_n = first_n + (pid % per_group) % size_n
+        pid_m = (pid % per_group) // size_n
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = rm < M
+        n_mask = rn < N
+        half = tl.arange(0, 32)
+        b_ptr = B + rn.to(tl.int64)[:, None] * (K // 2) + half[None, :]
+        a_ptr = A + rm.to(tl.int64)[None, :] * K + half[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g in range(K // 64):
+            packed = tl.load(b_ptr + g * 32, mask=n_mask[:, None], other=0)  # int8 view, [BLOCK_N, 32]
+            w_lo, w_hi = _unpack_nibbles(packed, B_SIGNED)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0)
+                w_lo = (w_lo - z[:, None]).to(tl.int8)
+                w_hi = (w_hi - z[:, None]).to(tl.int8)
+            a_lo = tl.load(a_ptr + g * 64, mask=m_mask[None, :], other=0)  # [32, BLOCK_M]
+            a_hi = tl.load(a_ptr + g * 64 + 32, mask=m_mask[None, :], other=0)
+            part = tl.dot(w_lo, a_lo, out_dtype=tl.int32)
+            part = tl.dot(w_hi, a_hi, part, out_dtype=tl.int32)
+            sa = tl.load(A_SCALES + g * M + rm, mask=m_mask, other=0.0)
+            sb = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * (sb[:, None] * sa[None, :])
+        if HAS_LOWRANK:
+            ranks = tl.arange(0, RANK)
+            l1 = tl.load(L1T + ranks[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0.0)  # [BLOCK_N, R]
+            d = tl.load(DOWN + rm.to(tl.int64)[None, :] * RANK + ranks[:, None], mask=m_mask[None, :], other=0.0)
+            if LR_IEEE:
+                acc = tl.dot(l1.to(tl.float32), d.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(l1, d, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptr = Y + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptr, _round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
     def _gemm_configs():
         configs = []
         for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
@@ -353,8 +417,20 @@ if HAS_TRITON:
         key=["m_bucket", "K", "HAS_LOWRANK", "HAS_SMOOTH"],
     )(_act_quant_kernel)
 
-    _w4a4_gemm_autotuned = triton.autotune(configs=_gemm_configs(), key=["m_bucket", "N", "K", "HAS_LOWRANK"])(
-        _w4a4_gemm_kernel)
+    def _swapped_configs():
+        configs = []
+        for bn, bm, warps, stages in ((128, 128, 8, 3), (128, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 4),
+                                      (128, 32, 4, 4), (64, 64, 4, 4), (128, 16, 4, 4), (64, 16, 4, 4)):
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps,
+                                         num_stages=stages))
+        return configs
+
+    _GEMM_KEY = ["m_bucket", "N", "K", "HAS_LOWRANK", "HAS_ZERO"]
+    _w4a4_gemm_autotuned = triton.autotune(configs=_gemm_configs(), key=_GEMM_KEY)(_w4a4_gemm_kernel)
+    _w4a4_gemm_swapped_autotuned = triton.autotune(configs=_swapped_configs(), key=_GEMM_KEY)(
+        _w4a4_gemm_swapped_kernel)
+    _GEMM_KERNELS = {"ab": (_w4a4_gemm_kernel, _w4a4_gemm_autotuned),
+                     "swapped": (_w4a4_gemm_swapped_kernel, _w4a4_gemm_swapped_autotuned)}
 
 
 def _dtype_kind(dtype: torch.dtype) -> int:
@@ -425,12 +501,24 @@ def _m_bucket(m: int) -> int:
     return bucket
 
 
+GEMM_VARIANTS = ("auto", "ab", "swapped")
+# (variant, launch key) -> the variant measured fastest for that key (filled by variant="auto" on CUDA).
+_variant_choice: dict[tuple, str] = {}
+
+
 def w4a4_matmul_triton(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
                        w_zero: torch.Tensor | None, w_signed: bool, *, l1t: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                       config: dict | None = None) -> torch.Tensor:
-    """The GEMM kernel. ``config`` (``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, ``num_warps``, ``num_stages``) skips the
-    autotuner (always skipped under the interpreter, which uses small tiles)."""
+                       variant: str = "auto", config: dict | None = None) -> torch.Tensor:
+    """The GEMM kernel.
+
+    ``variant``: ``ab`` (tiles of tokens x outputs), ``swapped`` (the transposed product: unpacked weights as the
+    left operand) or ``auto`` (on CUDA, both are timed on the first call of each shape bucket and the faster one
+    is kept; under the interpreter ``ab``). ``config`` (``BLOCK_M``, ``BLOCK_N``, ``GROUP_M``, ``num_warps``,
+    ``num_stages``) skips the autotuner (always skipped under the interpreter, which uses small tiles).
+    """
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"w4a4_matmul: variant must be one of {GEMM_VARIANTS}, got {variant!r}")
     codes, scales = act.codes, act.scales
     m, k = codes.shape
     n = w_packed.shape[0]
@@ -445,16 +533,46 @@ def w4a4_matmul_triton(act: QuantizedActivations, w_packed: torch.Tensor, w_scal
             act.down if l1t is not None else dummy, l1t if l1t is not None else dummy,
             bias if bias is not None else dummy, y, m, n, k, y.stride(0), _m_bucket(m), _dtype_kind(out_dtype))
     flags = {"B_SIGNED": w_signed, "HAS_ZERO": w_zero is not None, "HAS_LOWRANK": l1t is not None, "RANK": rank,
-             "LR_IEEE": _interpreting() or (act.down is not None and act.down.dtype == torch.float32), "HAS_BIAS": bias is not None}
+             "LR_IEEE": _interpreting() or (act.down is not None and act.down.dtype == torch.float32),
+             "HAS_BIAS": bias is not None}
     if config is None and _interpreting():
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2, "num_warps": 1, "num_stages": 1}
-    if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _w4a4_gemm_autotuned[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _w4a4_gemm_kernel[grid](*args, **flags, **config)
+
+    def launch(name: str) -> None:
+        plain, tuned = _GEMM_KERNELS[name]
+        if config is None:
+            tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        else:
+            grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+            plain[grid](*args, **flags, **config)
+
+    if variant == "auto":
+        variant = "ab" if _interpreting() or config is not None else _choose_variant(
+            (_m_bucket(m), n, k, tuple(flags.items()), out_dtype, codes.device), launch)
+    launch(variant)
     return y
+
+
+def _choose_variant(key: tuple, launch) -> str:
+    """Time both GEMM variants (each autotuned first) once per key; a variant that fails to build is skipped."""
+    choice = _variant_choice.get(key)
+    if choice is not None:
+        return choice
+    from triton.testing import do_bench
+
+    timings = {}
+    for name in ("ab", "swapped"):
+        try:
+            launch(name)
+            timings[name] = do_bench(lambda name=name: launch(name), warmup=5, rep=20)
+        except Exception as error:  # noqa: BLE001 - a variant the compiler rejects must not stop the other
+            logger.warning("W4A4 GEMM variant %s failed for %s: %s", name, key[:3], error)
+    if not timings:
+        raise RuntimeError(f"no W4A4 GEMM variant could run for (M bucket, N, K) = {key[:3]}")
+    choice = _variant_choice[key] = min(timings, key=timings.get)
+    logger.info("W4A4 GEMM (M bucket, N, K) = %s: %s (%s)", key[:3], choice,
+                ", ".join(f"{name} {ms * 1e3:.1f} us" for name, ms in timings.items()))
+    return choice
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
