@@ -131,7 +131,7 @@ def bench_shape(arch: str, layer: str, n: int, k: int, m: int, args, device: tor
     weight = (layer_mod.weight_packed, layer_mod.weight_scale, layer_mod.weight_zero, layer_mod.wspec.fmt.signed)
     extra = {}
     if not kernels.use_triton(device, backend):
-        extra["grouped_weight"] = layer_mod._cpu_grouped_weight()
+        extra["weight"] = layer_mod._cpu_weight()
     results["w4a4_gemm"] = median_ms(
         lambda: kernels.w4a4_matmul(act, *weight, backend=backend, out_dtype=dtype, **extra), **timing)
     if kernels.use_triton(device, backend):

@@ -15,8 +15,9 @@
    fake-quantized reference computed exactly up to the float32 summation order. The epilogue adds the low-rank
    up projection ``down @ L1^T`` (tensor cores, float32 accumulation) and the bias, and rounds once to x's dtype.
 
-The PyTorch path (CPU, and the tests' reference) reuses ``deepcompressor.quant.quantize`` for the activation codes
-and evaluates the same per-group sums (``w4a4_matmul_torch``).
+The PyTorch path (CPU) reuses ``deepcompressor.quant.quantize`` for the activation codes and multiplies the
+dequantized operands (``w4a4_matmul_torch``; 4-bit codes times 16-bit scales are exact in float32, so it differs from
+the kernels by float32 rounding only).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = [
     "centred_weight_codes",
     "check_activation_spec",
     "check_weight_spec",
-    "grouped_weight_codes",
+    "dequantized_weight",
     "quantize_activations",
     "quantize_activations_torch",
     "quantize_activations_triton",
@@ -62,8 +63,6 @@ logger = logging.getLogger(__name__)
 HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 _SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-# Rows of the [G, rows, cols] partial products the PyTorch path materialises at once.
-_TORCH_CHUNK_ELEMENTS = 1 << 24
 
 
 def use_triton(device: torch.device, backend: str = "auto") -> bool:
@@ -161,39 +160,28 @@ def centred_weight_codes(packed: torch.Tensor, zero: torch.Tensor | None, signed
     return codes.to(torch.int8)
 
 
-def grouped_weight_codes(packed: torch.Tensor, zero: torch.Tensor | None, signed: bool) -> torch.Tensor:
-    """Centred weight codes as float32 ``[K / 64, 64, N]``: the right operand of the PyTorch path's per-group
-    products (callers may keep it between calls)."""
-    w = centred_weight_codes(packed, zero, signed)
+def dequantized_weight(packed: torch.Tensor, w_scale: torch.Tensor, zero: torch.Tensor | None,
+                       signed: bool) -> torch.Tensor:
+    """Kernel-layout weight -> float32 ``[N, K]`` values ``(q - z) * s`` (callers may keep it between calls)."""
+    w = centred_weight_codes(packed, zero, signed).float()
     n, k = w.shape
-    return w.reshape(n, k // GROUP, GROUP).permute(1, 2, 0).float().contiguous()
+    return (w.reshape(n, k // GROUP, GROUP) * w_scale.t().float().unsqueeze(-1)).reshape(n, k)
 
 
 def w4a4_matmul_torch(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torch.Tensor,
                       w_zero: torch.Tensor | None, w_signed: bool, *, l1t: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-                      grouped_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``w4a4_matmul`` evaluated group by group in float32: integer partial sums (exact in float32: at most
-    64 * 15 * 15 in magnitude) scaled by ``sa * sw`` and accumulated in group order. ``grouped_weight`` is
-    ``grouped_weight_codes(w_packed, w_zero, w_signed)`` if the caller keeps it."""
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``w4a4_matmul`` as one float32 product of the dequantized operands. A 4-bit code times a 16-bit scale is
+    exact in float32, so this is the kernel's value up to float32 rounding (the kernel sums each group exactly in
+    int32 first). ``weight`` is ``dequantized_weight(w_packed, w_scale, w_zero, w_signed)`` if the caller keeps
+    it."""
     codes, scales = act.codes, act.scales
     m, k = codes.shape
-    groups = k // GROUP
-    if grouped_weight is None:
-        grouped_weight = grouped_weight_codes(w_packed, w_zero, w_signed)
-    n = grouped_weight.shape[2]
-    sw = w_scale.float()  # [G, N]
-    out = torch.empty(m, n, dtype=torch.float32, device=codes.device)
-    rows = max(1, _TORCH_CHUNK_ELEMENTS // max(1, groups * n))
-    for start in range(0, m, rows):
-        end = min(m, start + rows)
-        a = codes[start:end].reshape(end - start, groups, GROUP).transpose(0, 1).float()  # [G, rows, 64]
-        parts = torch.bmm(a, grouped_weight)  # exact integers
-        parts *= scales[:, start:end, None] * sw[:, None, :]
-        acc = out[start:end]
-        acc.copy_(parts[0])
-        for g in range(1, groups):
-            acc += parts[g]
+    if weight is None:
+        weight = dequantized_weight(w_packed, w_scale, w_zero, w_signed)
+    a = (codes.float().reshape(m, k // GROUP, GROUP) * scales.t().unsqueeze(-1)).reshape(m, k)
+    out = a @ weight.t()
     if l1t is not None:
         out += act.down.float() @ l1t.float()
     if bias is not None:
@@ -605,7 +593,7 @@ def w4a4_matmul(act: QuantizedActivations, w_packed: torch.Tensor, w_scale: torc
     and ``out_dtype`` as keywords."""
     _check_weight(w_packed, w_scale, w_zero, act.codes.shape[1])
     if use_triton(act.codes.device, backend):
-        kwargs.pop("grouped_weight", None)
+        kwargs.pop("weight", None)
         return w4a4_matmul_triton(act, w_packed, w_scale, w_zero, w_signed, **kwargs)
     kwargs.pop("config", None)
     return w4a4_matmul_torch(act, w_packed, w_scale, w_zero, w_signed, **kwargs)

@@ -28,7 +28,7 @@ from ..kernels.w4a4 import (
     BACKENDS,
     check_activation_spec,
     check_weight_spec,
-    grouped_weight_codes,
+    dequantized_weight,
     quantize_activations,
     use_triton,
     w4a4_matmul,
@@ -179,13 +179,13 @@ class W4A4Linear(nn.Module):
             cached = self._cast_cache[(key, dtype)] = tensor.to(dtype)
         return cached
 
-    def _cpu_grouped_weight(self) -> torch.Tensor:
-        """The CPU path's float32 operand, unpacked once (CPU runs are for tests and the tiny model; on GPU the
-        kernel unpacks in registers and nothing is kept)."""
-        cached = self._cast_cache.get("grouped_weight")
+    def _cpu_weight(self) -> torch.Tensor:
+        """The CPU path's dequantized float32 weight, computed once (CPU runs are for tests and the tiny model; on
+        GPU the kernel unpacks in registers and nothing is kept)."""
+        cached = self._cast_cache.get("weight")
         if cached is None:
-            cached = self._cast_cache["grouped_weight"] = grouped_weight_codes(
-                self.weight_packed, self.weight_zero, self.wspec.fmt.signed)
+            cached = self._cast_cache["weight"] = dequantized_weight(
+                self.weight_packed, self.weight_scale, self.weight_zero, self.wspec.fmt.signed)
         return cached
 
     @property
@@ -220,7 +220,7 @@ class W4A4Linear(nn.Module):
                                        static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
             extra = {}
             if x.device.type == "cpu" and not use_triton(x.device, self.backend):
-                extra["grouped_weight"] = self._cpu_grouped_weight()
+                extra["weight"] = self._cpu_weight()
             y = w4a4_matmul(act, self.weight_packed, self.weight_scale, self.weight_zero, self.wspec.fmt.signed,
                             backend=self.backend, l1t=l1t, bias=bias, out_dtype=dtype, **extra)
         return y.reshape(*x.shape[:-1], self.out_features)
