@@ -42,7 +42,7 @@ import torch
 from ..config import config_to_dict, parse_cli
 from ..config.schema import RunConfig
 
-__all__ = ["PROG", "main", "run", "synthetic_kv_calibration"]
+__all__ = ["PROG", "main", "run", "synthetic_kv_calibration", "w4a4_from_artifacts"]
 
 PROG = "infinity_w4a4_test"
 STAGES = ("text_encoder", "transformer", "vae_decode", "total")
@@ -134,17 +134,25 @@ def _attach_kv(model, cfg: RunConfig, args, workdir: Path) -> dict:
     return {"source": source, "synthetic": bool(args.kv_synthetic), "dtype": params.dtype}
 
 
+def w4a4_from_artifacts(model, directory: str | Path, backend: str = "auto"):
+    """Load a PTQ artifact directory into the full-precision ``model`` (``load_artifacts`` + ``apply_artifacts``,
+    which check that the model is the calibrated one) and convert its layers to ``W4A4Linear``; returns the bundle
+    and the converted layer names."""
+    from ..app.diffusion.artifacts import apply_artifacts, load_artifacts
+    from ..nn.w4a4_linear import convert_to_w4a4
+
+    bundle = load_artifacts(directory)
+    apply_artifacts(model, bundle)
+    return bundle, convert_to_w4a4(model, backend=backend)
+
+
 def _quantize_transformer(pipe, cfg: RunConfig, args) -> dict:
-    from ..nn.w4a4_linear import convert_to_w4a4, synthesize_w4a4, w4a4_layers
+    from ..nn.w4a4_linear import synthesize_w4a4, w4a4_layers
 
     model = pipe.transformer
     start = time.perf_counter()
     if args.artifacts:
-        from ..app.diffusion.artifacts import apply_artifacts, load_artifacts
-
-        bundle = load_artifacts(args.artifacts)
-        apply_artifacts(model, bundle)
-        names = convert_to_w4a4(model, backend=args.backend)
+        bundle, names = w4a4_from_artifacts(model, args.artifacts, args.backend)
         how = {"source": "artifacts", "artifacts": str(args.artifacts), "quant": config_to_dict(bundle.config)["quant"]}
     else:
         names = synthesize_w4a4(model, cfg.quant, seed=cfg.pipeline.seed, backend=args.backend)
