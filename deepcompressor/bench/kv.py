@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="CPU-sized calibration-time and memory sections")
     parser.add_argument("--synthetic", action="store_true", help="quality on synthetic K/V instead of the tiny model")
     parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts of the quality section")
+    parser.add_argument("--config", nargs="+", default=None, metavar="YAML",
+                        help="quality on this model (config chain, e.g. configs/models/infinity-8b.yaml) instead of "
+                        "the tiny default")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=10240, help="samples per channel of the calib_time section")
     parser.add_argument("--sweep", action="store_true", help="kernel section: time launch configurations instead")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
@@ -61,13 +64,13 @@ def quality_section(args, device: torch.device) -> dict:
     data = None
     if not args.synthetic:
         try:
-            data = kv_quality.real_kv_data(args.calib_prompts, device=str(device) if device.type == "cuda" else "cpu")
+            data = kv_quality.real_kv_data(args.calib_prompts, device=str(device), config_files=args.config)
         except ImportError as error:
             logger.warning("infinity is not importable (%s): using synthetic K/V", error)
     if data is None:
         data = kv_quality.synthetic_kv_data()
     start = time.perf_counter()
-    results = kv_quality.evaluate_methods(data)
+    results = kv_quality.evaluate_methods(data, device=device)
     return {"data": data.source, "seconds": time.perf_counter() - start, "results": results}
 
 

@@ -1,7 +1,7 @@
 """Quality of KV-cache quantizers: per-channel MSE and attention-output error on held-out K/V.
 
-Data: the real cached K/V (and queries) of the tiny default Infinity model (``infinity`` importable), or, with
-``synthetic=True`` or without ``infinity``, skewed synthetic K/V shaped like a small model (labelled as such).
+Data: the real cached K/V (and queries) of the tiny default Infinity model or of the model of a config chain (five
+evenly spaced blocks of a large model), or skewed synthetic K/V shaped like a small model (labelled as such).
 Quantizers are fitted on calibration generations and evaluated on a held-out generation:
 
 * ``minmax``: asymmetric per channel over [min, max];
@@ -33,7 +33,16 @@ from ..calib.kv import (
     symmetric_per_channel,
 )
 
-__all__ = ["METHODS", "AttentionCall", "KVData", "evaluate_methods", "real_kv_data", "synthetic_kv_data"]
+__all__ = [
+    "METHODS",
+    "AttentionCall",
+    "KVData",
+    "default_eval_blocks",
+    "evaluate_methods",
+    "model_kv_data",
+    "real_kv_data",
+    "synthetic_kv_data",
+]
 
 METHODS = ("minmax", "symmetric", "per_token", "kivi", "layer_percentile", "ours")
 
@@ -75,35 +84,64 @@ class _CaptureLayer:
         return getattr(self.inner, name)
 
 
-def real_kv_data(num_calibration: int = 4, max_tokens: int = 4096, eval_offset: int = 512, device: str = "cpu"):
-    """Record the tiny default model: calibration prompts 0..n-1, held-out prompt ``eval_offset`` (qdiff)."""
-    from infinity.pipeline import load_pipeline
+def default_eval_blocks(depth: int) -> list[int]:
+    """Every block of a small model, five evenly spaced blocks of a large one (bounds the captured q/k/v)."""
+    if depth <= 8:
+        return list(range(depth))
+    return sorted({round(i * (depth - 1) / 4) for i in range(5)})
 
+
+def model_kv_data(pipe, generate_kwargs: dict, source: str, num_calibration: int = 4, max_tokens: int = 4096,
+                  eval_offset: int = 512, blocks: list[int] | None = None) -> KVData:  # fmt: skip
+    """Record a pipeline's cached K/V: calibration prompts 0..n-1 of qdiff (seeds 0..n-1), and q/k/v of every
+    self-attention of the held-out prompt ``eval_offset`` (seed 1234) in ``blocks``."""
     from ..app.diffusion.capture import load_prompt_set
     from ..nn.kv_cache import KVRecorder
 
-    pipe = load_pipeline("tiny", device=device)
     model, arch = pipe.transformer, pipe.arch
+    blocks = default_eval_blocks(arch.depth) if blocks is None else blocks
     prompts = [caption for _, caption in load_prompt_set("qdiff", 0, num_calibration)]
     with KVRecorder(model, max_tokens, seed=0) as recorder:
         for i, caption in enumerate(prompts):
-            pipe.generate([caption], seed=i)
-    calibration = {(block, which): rows for block, which, rows in recorder.blocks()}
+            pipe.generate([caption], seed=i, **generate_kwargs)
+    calibration = {(blocks.index(b), which): rows for b, which, rows in recorder.blocks() if b in blocks}
     calls: list[AttentionCall] = []
     inner = model.kv_cache_factory
 
     def capture_factory(m):
         cache = inner(m)
-        cache.layers = [_CaptureLayer(layer, i, calls) for i, layer in enumerate(cache.layers)]
+        cache.layers = [_CaptureLayer(layer, blocks.index(i), calls) if i in blocks else layer
+                        for i, layer in enumerate(cache.layers)]  # fmt: skip
         return cache
 
     model.kv_cache_factory = capture_factory
     try:
         held_out = load_prompt_set("qdiff", eval_offset, 1)[0][1]
-        pipe.generate([held_out], seed=1234)
+        pipe.generate([held_out], seed=1234, **generate_kwargs)
     finally:
         model.kv_cache_factory = inner
-    return KVData("tiny model (real K/V)", arch.depth, arch.num_heads, arch.head_dim, calibration, calls)
+    label = f"{source} (real K/V of blocks {blocks})"
+    return KVData(label, len(blocks), arch.num_heads, arch.head_dim, calibration, calls)
+
+
+def real_kv_data(num_calibration: int = 4, max_tokens: int = 4096, eval_offset: int = 512, device: str = "cpu",
+                 config_files: list[str] | None = None) -> KVData:  # fmt: skip
+    """The tiny default model, or the model of a config chain (``configs/models/infinity-8b.yaml``: its files,
+    resolution and sampling settings)."""
+    if not config_files:
+        from infinity.pipeline import load_pipeline
+
+        pipe = load_pipeline("tiny", device=device)
+        return model_kv_data(pipe, {}, "tiny model", num_calibration, max_tokens, eval_offset)
+    from infinity.pipeline import pipeline_from_config
+
+    from ..config import load_config
+
+    cfg = load_config(config_files)
+    p = cfg.pipeline
+    pipe = pipeline_from_config(p)
+    kwargs = {"cfg": p.cfg, "tau": p.tau, "top_k": p.top_k, "top_p": p.top_p, "pn": p.pn, "h_div_w": p.h_div_w}
+    return model_kv_data(pipe, kwargs, p.name, num_calibration, max_tokens, eval_offset)
 
 
 def _synthetic_kv(gen, batch, heads, length, dim, k_offset, v_offset, v_spread):
@@ -174,10 +212,11 @@ def _channel_errors(quantize, rows: torch.Tensor, heads: int, dim: int) -> tuple
     return err, err / x.var(dim=2).reshape(-1).clamp_min(1e-12)
 
 
-def evaluate_methods(data: KVData, bits_list=(8, 4), methods=METHODS) -> dict:
+def evaluate_methods(data: KVData, bits_list=(8, 4), methods=METHODS, device: str | torch.device = "cpu") -> dict:
     """``{method: {bits: metrics}}``: per-channel MSE on the calibration data (fit) and on the held-out generation
     (``k_mse``, ``v_mse``, ``*_rel_mse`` = MSE / channel variance, means over channels), and the attention error of
-    the held-out generation (current scale's K/V quantized as the cache reads them, or in full precision)."""
+    the held-out generation (current scale's K/V quantized as the cache reads them, or in full precision),
+    computed on ``device`` (float64 on the CPU, float32 elsewhere)."""
     heads, dim = data.num_heads, data.head_dim
     held_out = {}
     for which in (0, 1):
@@ -205,21 +244,21 @@ def evaluate_methods(data: KVData, bits_list=(8, 4), methods=METHODS) -> dict:
                 for which, name in ((0, "k"), (1, "v")):
                     metrics[f"{prefix}{name}_mse"] = torch.cat(errors[which][0]).mean().item()
                     metrics[f"{prefix}{name}_rel_mse"] = torch.cat(errors[which][1]).mean().item()
-            metrics.update(_attention_error(data, quantizers))
+            metrics.update(_attention_error(data, quantizers, torch.device(device)))
             results[method][bits] = metrics
     return results
 
 
-def _attention_error(data: KVData, quantizers: dict) -> dict:
+def _attention_error(data: KVData, quantizers: dict, device: torch.device) -> dict:
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
     prefix = {block: ([], [], [], []) for block in range(data.depth)}  # fp k, fp v, quantized k, quantized v
     sums = {"all": [0.0, 0.0], "last": [0.0, 0.0], "current_full": [0.0, 0.0]}
     last_size = max(c.q.shape[2] for c in data.calls)
     for call in data.calls:
         ks, vs, kqs, vqs = prefix[call.block]
-        k, v = call.k.double(), call.v.double()
-        q = call.q.double()
-        kq = quantizers[(call.block, 0)](call.k).double()
-        vq = quantizers[(call.block, 1)](call.v).double()
+        k, v, q = (t.to(device, dtype) for t in (call.k, call.v, call.q))
+        kq = quantizers[(call.block, 0)](call.k).to(device, dtype)
+        vq = quantizers[(call.block, 1)](call.v).to(device, dtype)
         ref = F.scaled_dot_product_attention(q, torch.cat(ks + [k], 2), torch.cat(vs + [v], 2), scale=1.0)
         out = F.scaled_dot_product_attention(q, torch.cat(kqs + [kq], 2), torch.cat(vqs + [vq], 2), scale=1.0)
         out_full = F.scaled_dot_product_attention(q, torch.cat(kqs + [k], 2), torch.cat(vqs + [v], 2), scale=1.0)

@@ -7,9 +7,14 @@ Every cached key/value channel ``(layer, K/V, head, channel)`` gets its own stat
 
 with ``[lo, hi]`` chosen to minimise the channel's reconstruction MSE on calibration samples: a coarse scan over a
 logarithmic grid of matching percentile pairs ``(1 - p, p)``, ``p = 0.99, 0.999, ..., 1 - 1e-6``, then golden-section
-refinement of ``hi`` (``lo`` fixed) and of ``lo`` (``hi`` fixed) inside the bracket of the neighbouring grid points.
-Every channel is searched independently but all channels are processed at once (loops run over grid points and
-golden iterations only); channels are only chunked to bound memory.
+refinement of ``hi`` (``lo`` fixed) and of ``lo`` (``hi`` fixed) inside the bracket of the neighbouring grid points
+(see :func:`search_sorted`). Every channel is searched independently but all channels are processed at once (loops
+run over grid points and golden iterations only); channels are only chunked to bound memory.
+
+Because ``z`` is rounded, the MSE as a function of one bound is a saw-tooth (the grid jumps by up to ``s / 2``
+whenever ``round(-lo / s)`` does); the refinement therefore minimises the smooth surrogate with the grid anchored
+exactly at ``lo`` (:func:`anchored_mse`) and picks the integer zero point at the end. The reported ``lo``/``hi``
+are the integer quantizer's own range ``[(qmin - z) s, (qmax - z) s]``, so they recompute to the same ``s``, ``z``.
 
 Percentiles are exact order statistics of the samples, interpolated linearly like ``torch.quantile``'s default
 (position ``p * (n - 1)`` of the sorted samples), computed by sorting (``torch.quantile`` refuses large inputs).
@@ -120,8 +125,8 @@ class ClipSearchResult:
     Args:
         scale: Quantization step ``s``.
         zero: Integer-valued zero point ``z`` (float).
-        lo: Lower clipping bound.
-        hi: Upper clipping bound.
+        lo: Lower clipping bound: ``(qmin - z) * s``, the smallest value the quantizer represents.
+        hi: Upper clipping bound: ``(qmax - z) * s``.
         mse: Reconstruction MSE of the channel's samples under this quantizer.
     """
 

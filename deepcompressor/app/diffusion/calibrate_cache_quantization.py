@@ -178,6 +178,8 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
 
     start = time.perf_counter()
     recorder = KVRecorder(model, cfg.kv.max_tokens, seed=cfg.collect.seed, stored_only=cfg.kv.current == "full")
+    sample_bytes = 2 * identity["depth"] * cfg.kv.max_tokens * identity["embed_dim"] * model.block_dtype.itemsize
+    logger.info("K/V token samples take up to %.2f GiB of CPU memory", sample_bytes / 2**30)
     num_prompts = _record(pipe, cfg, recorder)
     if recorder.num_sampled < 2:
         raise KVCalibrationRunError(f"only {recorder.num_sampled} cached tokens were recorded; need at least 2")
