@@ -89,3 +89,90 @@ def test_gpu_check_passes_on_correct_kernels():
     assert row["passed"], row
     assert row["float32"]["rel_err_vs_fake_quant"] < 1e-5
     assert row["bfloat16"]["rel_err_vs_float64"] < 2**-7
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+
+def _write_tiny_artifacts(directory):
+    """A PTQ artifact directory of the tiny model written through the artifact writer, with round-to-nearest
+    layers around seeded random smoothing and low-rank factors (what calibration would search for)."""
+    import torch
+    from infinity.pipeline import pipeline_from_config
+
+    from deepcompressor.app.diffusion.artifacts import write_artifacts, write_manifest
+    from deepcompressor.app.diffusion.capture import model_identity
+    from deepcompressor.calib.layer import quant_config_for_kind
+    from deepcompressor.config import load_config
+    from deepcompressor.nn.fake_linear import FakeQuantLinear
+    from deepcompressor.nn.layer_map import block_layer_names
+    from deepcompressor.quant import quantize
+
+    cfg = load_config(TINY, {"pipeline.device": "cpu", "quant.low_rank.rank": 8})
+    pipe = pipeline_from_config(cfg.pipeline)
+    model = pipe.transformer
+    identity = model_identity(cfg.pipeline, model, pipe.text_encoder)
+    fp_numel = sum(t.numel() for t in model.state_dict().values())
+    gen = torch.Generator().manual_seed(0)
+    entries = {}
+    for block in model.block_names():
+        for name, kind in block_layer_names(block):
+            linear, layer_cfg = model.get_submodule(name), quant_config_for_kind(cfg.quant, kind)
+            w = linear.weight.detach().float()
+            s = torch.empty(w.shape[1]).uniform_(-0.5, 0.5, generator=gen).exp() if layer_cfg.ipts.dtype else None
+            l1, l2 = torch.randn(w.shape[0], 8, generator=gen) * 0.02, torch.randn(8, w.shape[1], generator=gen) * 0.02
+            residual = (w * s if s is not None else w) - l1 @ l2
+            fake = FakeQuantLinear(linear.in_features, linear.out_features, bias=linear.bias,
+                                   qweight=quantize(residual, layer_cfg.wgts), smooth_scale=s, lowrank_l1=l1,
+                                   lowrank_l2=l2, wgts=layer_cfg.wgts, ipts=layer_cfg.ipts, name=name)
+            state, meta = fake.artifact_state(pack=True)
+            smooth = None if s is None else {"scale": s, "alpha": 0.5, "beta": 0.5, "folded_into": None}
+            entries[name] = {"kind": kind, "state": state, "meta": meta, "smooth": smooth}
+            model.set_submodule(name, fake)
+    write_artifacts(directory, cfg, model, entries, fp_numel)
+    write_manifest(directory, {**identity, "name": cfg.pipeline.name}, {n: e["kind"] for n, e in entries.items()}, {})
+
+
+def test_artifacts_become_w4a4_layers_that_compute_the_fake_quant_model(tmp_path):
+    import torch
+    from infinity.tiny import build_tiny_transformer
+
+    from deepcompressor.app.diffusion.artifacts import apply_artifacts, load_artifacts
+    from deepcompressor.bench.w4a4_pipeline import w4a4_from_artifacts
+    from deepcompressor.nn.w4a4_linear import w4a4_layers
+
+    _write_tiny_artifacts(tmp_path / "art")
+
+    def logits(model):
+        from infinity.sampler import sample
+        from infinity.schedules import get_scale_schedule
+
+        kv = torch.randn(5, model.arch.text_channels, generator=torch.Generator().manual_seed(1))
+        schedule = get_scale_schedule("0.06M", 1.0)
+        return sample(model, kv, [5], schedule, cfg=3.0, seed=0, return_logits=True).logits
+
+    fake_model = build_tiny_transformer(0, "cpu", torch.float32)
+    apply_artifacts(fake_model, load_artifacts(tmp_path / "art"))
+    real_model = build_tiny_transformer(0, "cpu", torch.float32)
+    _, names = w4a4_from_artifacts(real_model, tmp_path / "art", backend="torch")
+    assert len(names) == 42 and set(w4a4_layers(real_model)) == set(names)
+    ref, got = logits(fake_model), logits(real_model)
+    # The first scales agree to float32 rounding; later ones may differ where a value sits on a 4-bit rounding
+    # boundary (the two paths sum in different orders), which then spreads.
+    for a, b in zip(ref[:2], got[:2]):
+        assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+    out = tmp_path / "run.json"
+    assert main(TINY[:1] + ["--pipeline-device", "cpu", "--artifacts", str(tmp_path / "art"), "--warmup", "0",
+                            "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["quantization"]["source"] == "artifacts" and res["quantization"]["num_layers"] == 42
+    assert 0.7 < res["variants"]["w4a4"]["bit_agreement_vs_baseline"]["overall"] < 1.0
+
+
+def test_artifacts_of_another_architecture_are_refused(tmp_path, capsys):
+    _write_tiny_artifacts(tmp_path / "art")
+    argv = ["--pipeline-arch", "2b", "--pipeline-random-init", "--pipeline-device", "cpu", "--artifacts",
+            str(tmp_path / "art")]
+    assert main(argv) == 2
+    assert "made for Infinity-tiny" in capsys.readouterr().err
