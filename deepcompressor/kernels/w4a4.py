@@ -49,6 +49,7 @@ __all__ = [
     "check_activation_spec",
     "check_weight_spec",
     "dequantized_weight",
+    "padded_rank",
     "quantize_activations",
     "quantize_activations_torch",
     "quantize_activations_triton",
@@ -438,8 +439,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _padded_rank(rank: int) -> int:
-    """Tensor-core products need at least 16 rows and a power of two for ``tl.arange``."""
+def padded_rank(rank: int) -> int:
+    """The kernels' low-rank width for rank ``rank``: a power of two >= 16 (tensor-core products need at least
+    16, ``tl.arange`` a power of two)."""
     padded = 16
     while padded < rank:
         padded *= 2
@@ -459,7 +461,7 @@ def quantize_activations_triton(x2d: torch.Tensor, spec: QuantSpec, *, smooth: t
     rank = 16
     if l2t is not None:
         rank = l2t.shape[1]
-        if rank != _padded_rank(rank):
+        if rank != padded_rank(rank):
             raise ValueError(f"{name}: the kernel's low-rank width must be a power of two >= 16, got {rank}")
         l2t = l2t.contiguous()
     device = x2d.device

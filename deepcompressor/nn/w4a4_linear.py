@@ -29,6 +29,7 @@ from ..kernels.w4a4 import (
     check_activation_spec,
     check_weight_spec,
     dequantized_weight,
+    padded_rank,
     quantize_activations,
     use_triton,
     w4a4_matmul,
@@ -43,14 +44,6 @@ from .layer_map import is_block_kind, layer_kind
 __all__ = ["W4A4Linear", "convert_to_w4a4", "synthesize_w4a4", "synthetic_w4a4_linear", "w4a4_layers"]
 
 logger = logging.getLogger(__name__)
-
-
-def _padded_rank(rank: int) -> int:
-    """The kernels' low-rank width: a power of two >= 16 (tensor-core products, ``tl.arange``)."""
-    padded = 16
-    while padded < rank:
-        padded *= 2
-    return padded
 
 
 class W4A4Linear(nn.Module):
@@ -113,7 +106,7 @@ class W4A4Linear(nn.Module):
             if lowrank_l1.shape != (out_features, self.rank) or lowrank_l2.shape != (self.rank, in_features):
                 raise ValueError(f"{name}: low-rank factors {tuple(lowrank_l1.shape)}, {tuple(lowrank_l2.shape)} do "
                                  f"not fit a {out_features}x{in_features} layer")
-            width = _padded_rank(self.rank)
+            width = padded_rank(self.rank)
             l1t = lowrank_l1.new_zeros(width, out_features)
             l1t[: self.rank] = lowrank_l1.t()
             l2t = lowrank_l2.new_zeros(in_features, width)
