@@ -13,9 +13,10 @@ and the end-to-end latency / memory runs of Infinity-2B and -8B; every part writ
 - ``W4A4Linear`` equals ``FakeQuantLinear`` in float32 (relative error below 1e-5) and, in bfloat16, the float64
   evaluation of its own quantized operands to bfloat16 rounding.
 
-End-to-end parts run ``infinity_w4a4_test`` (``deepcompressor.bench.w4a4_pipeline``) with random-initialised
-weights at 1024x1024 and CFG 3 (``2b.json`` / ``8b.json``): synthetic W4A4 layers and synthetic per-channel KV
-scales unless artifacts / a KV calibration file are given. Exit code 1 if a check fails.
+End-to-end parts run ``infinity_w4a4_test`` (``deepcompressor.bench.w4a4_pipeline``) at 1024x1024 and CFG 3
+(``2b.json`` / ``8b.json``): random-initialised weights with synthetic W4A4 layers, or the released weights (the
+model YAML's environment variables) with ``--artifacts-<arch>``; synthetic per-channel KV scales unless a KV
+calibration file is given. Exit code 1 if a check or a part fails.
 """
 
 from __future__ import annotations
@@ -131,12 +132,16 @@ def run_check(out: Path) -> bool:
 
 
 def _pipeline_argv(arch: str, args, out: Path) -> list[str]:
-    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--pipeline-random-init",
-            "--pipeline-transformer-path", "null", "--pipeline-vae-path", "null", "--pipeline-text-encoder-path",
-            "null", "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json", str(out / f"{arch}.json")]
+    """Random-initialised weights, or, with artifacts, the released files the model YAML names (its environment
+    variables must be set: the artifacts only load into the model they were calibrated on)."""
+    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--json", str(out / f"{arch}.json")]
     artifacts, kv_calib = getattr(args, f"artifacts_{arch}"), getattr(args, f"kv_calib_{arch}")
     if artifacts:
         argv += ["--artifacts", artifacts]
+    else:
+        argv += ["--pipeline-random-init", "--pipeline-transformer-path", "null", "--pipeline-vae-path", "null",
+                 "--pipeline-text-encoder-path", "null"]
     argv += ["--kv-calib", kv_calib] if kv_calib else ["--kv-synthetic"]
     return argv
 
