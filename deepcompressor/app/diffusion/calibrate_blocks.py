@@ -25,7 +25,6 @@ modulation (per-sample scale and shift: nothing to fold into) or an attention / 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...calib.gptq import accumulate_hessian, gptq_quantize
+from ...calib.gptq import accumulate_hessian
 from ...calib.layer import calibrate_linear, quant_config_for_kind
-from ...calib.search import quantize_inputs, quantized_linear_output, relative_error, subsample_tokens, synchronize
+from ...calib.search import subsample_tokens, synchronize
 from ...calib.smooth import fold_smooth_into_norm
 from ...nn.fake_linear import FakeQuantLinear
 from ...nn.layer_map import BLOCK_LAYERS
@@ -200,39 +199,15 @@ def layer_needs_calibration(qcfg, kind: str) -> bool:
     return layer_cfg.wgts.dtype is not None or layer_cfg.ipts.dtype is not None
 
 
-def _gptq_weight(result, linear: nn.Linear, x: torch.Tensor, hessian: torch.Tensor, layer_cfg, name: str):
-    """GPTQ on the calibrated residual ``W * s - L1 L2`` with the Hessian of all tokens (smoothed: ``H / s s^T``);
-    returns the quantized weight and its relative output error on the search tokens."""
-    lin = result.linears[0]
-    s = result.smooth_scale
-    w = linear.weight.detach().float()
-    ws = w if s is None else w * s
-    l1 = None if lin.lowrank_l1 is None else lin.lowrank_l1.float()
-    l2 = None if lin.lowrank_l2 is None else lin.lowrank_l2.float()
-    residual = ws if l1 is None else ws - l1 @ l2
-    hs = hessian if s is None else hessian / (s[:, None] * s[None, :])
-    qweight = gptq_quantize(residual, hs, layer_cfg.wgts, layer_cfg.gptq, clip_ratio=lin.clip_ratio, name=name)
-    bias = None if linear.bias is None else linear.bias.detach().float()
-    xs = x if s is None else x / s
-    xq = quantize_inputs(xs, layer_cfg.ipts, scale=result.input_scale, zero=result.input_zero)
-    y = quantized_linear_output(xq, qweight.dequantize(), xs, l1, l2, bias)
-    y_ref = torch.nn.functional.linear(x, w, bias)
-    return qweight, relative_error(y, y_ref)
-
-
 def calibrate_layer(linear: nn.Linear, x: torch.Tensor, hessian: torch.Tensor | None, layer_cfg, *, kind: str,
                     name: str) -> dict:
     """Calibrate one linear on its inputs ``x [tokens, in]``; returns its block-state entry (see ``BlockState``)."""
     use_gptq = layer_cfg.gptq.enabled and layer_cfg.wgts.dtype is not None
-    engine_cfg = layer_cfg
-    if use_gptq:
-        engine_cfg = dataclasses.replace(layer_cfg, gptq=dataclasses.replace(layer_cfg.gptq, enabled=False))
+    # The Hessian covers every token of the selected samples; the searches see at most quant.max_tokens of them.
     result = calibrate_linear(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), x,
-                              engine_cfg, name=name)
+                              layer_cfg, name=name, hessian=hessian if use_gptq else None)
     lin = result.linears[0]
     qweight, error_final = lin.qweight, lin.error_final
-    if use_gptq:
-        qweight, error_final = _gptq_weight(result, linear, x.float(), hessian, layer_cfg, name)
     fake = FakeQuantLinear(
         linear.in_features, linear.out_features,
         weight=linear.weight.detach() if qweight is None else None,
