@@ -27,28 +27,26 @@ import logging
 import re
 import sys
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
+from deepcompressor.app.diffusion.capture import load_prompt_set
 from deepcompressor.config import RunConfig, parse_cli, save_config
+from deepcompressor.nn.layer_map import block_index, layer_kind
 
 from .report_figures import plot_channel_profile, plot_depth_profiles
 from .report_io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .report_tables import BLOCK_KINDS, markdown_report, summarize_kv, summarize_linear
+from .report_tables import markdown_report, summarize_kv, summarize_linear
 from .stats import ActivationAccumulator, KVAccumulator, kv_token_matrix
 
 __all__ = [
     "DiagnosticsRecorder",
     "RecordingLayerKVCache",
     "diagnostics_dir",
-    "layer_kind",
-    "load_prompts",
     "main",
     "write_report",
 ]
@@ -56,57 +54,10 @@ __all__ = [
 PROG = "activations_measurements"
 logger = logging.getLogger(__name__)
 
-_BLOCK_NAME = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
-_SUFFIX_KIND = {suffix: kind for kind, _, suffix in BLOCK_KINDS}
-_OTHER_KINDS = (
-    ("word_embed", "embed"),
-    ("shared_ada_lin.", "adaln"),
-    ("head_nm.", "adaln"),
-    ("text_proj_for_", "text_proj"),
-    ("head", "head"),
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layers and prompts
-
-
-def layer_kind(name: str) -> str:
-    """Layer kind (as in ``quant.*.skips``) of a linear module name of the transformer."""
-    match = _BLOCK_NAME.match(name)
-    if match:
-        kind = _SUFFIX_KIND.get(match.group(3))
-        if kind is None:
-            raise ValueError(f"unknown linear layer {name!r} inside a block")
-        return kind
-    for prefix, kind in _OTHER_KINDS:
-        if name.startswith(prefix):
-            return kind
-    raise ValueError(f"unknown linear layer {name!r}")
-
-
-def _block_index(name: str, blocks_per_chunk: int) -> int | None:
-    match = _BLOCK_NAME.match(name)
-    return None if match is None else int(match.group(1)) * blocks_per_chunk + int(match.group(2))
-
-
-def load_prompts(spec: str, limit: int) -> list[tuple[str, str]]:
-    """The first ``limit`` ``(id, caption)`` pairs of a built-in prompt set or a YAML file of ``id: caption``."""
-    builtin = resources.files("deepcompressor") / "data" / "prompts" / f"{spec}.yaml"
-    if builtin.is_file():
-        source, text = f"built-in prompt set {spec!r}", builtin.read_text(encoding="utf-8")
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"collect.prompts: {spec!r} is neither a built-in prompt set nor a YAML file")
-        source, text = str(path), path.read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"collect.prompts: {source} must be a non-empty mapping of id: caption")
-    prompts = [(str(key), str(caption).strip()) for key, caption in data.items()]
-    if len(prompts) < limit:
-        raise ValueError(f"collect.num_prompts = {limit}, but {source} holds only {len(prompts)} prompts")
-    return prompts[:limit]
+# Output
 
 
 def diagnostics_dir(cfg: RunConfig) -> Path:
@@ -219,7 +170,7 @@ class DiagnosticsRecorder:
                 continue
             result = acc.result()
             rows.append(
-                {"name": name, "kind": layer_kind(name), "block": _block_index(name, per_chunk)} | result.scalars()
+                {"name": name, "kind": layer_kind(name), "block": block_index(name, per_chunk)} | result.scalars()
             )
             arrays[name] = {
                 "channel_abs_max": result.channel_abs_max.numpy(),
@@ -340,7 +291,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict[str, Path]:
     from infinity.pipeline import pipeline_from_config
 
     p = cfg.pipeline
-    prompts = load_prompts(cfg.collect.prompts, cfg.collect.num_prompts)
+    prompts = load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
     logger.info(
         "loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init, p.device, p.dtype
     )

@@ -15,8 +15,6 @@ from evaluation import stats
 from evaluation.activations_measurements import (
     DiagnosticsRecorder,
     RecordingLayerKVCache,
-    layer_kind,
-    load_prompts,
     write_report,
 )
 from evaluation.report_tables import format_number, markdown_report, summarize_kv, summarize_linear
@@ -131,32 +129,6 @@ def test_recording_cache_delegates_attributes_and_only_records_stores():
     assert seen == [3] and layer.length == 3 and out.shape == q.shape
     layer.reset()
     assert inner.length == 0 and layer.prefix is None
-
-
-def test_layer_kind_of_every_module_name(tiny_model):
-    kinds = {n: layer_kind(n) for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert kinds["block_chunks.0.module.1.sa.mat_qkv"] == "sa_qkv"
-    assert kinds["block_chunks.1.module.1.ca.mat_kv"] == "ca_kv"
-    assert kinds["block_chunks.1.module.0.ffn.fc1"] == "ffn_up"
-    assert kinds["word_embed"] == "embed"
-    assert kinds["head_nm.ada_lin.1"] == kinds["shared_ada_lin.1"] == "adaln"
-    assert kinds["text_proj_for_sos.ca.mat_kv"] == kinds["text_proj_for_ca.2"] == "text_proj"
-    assert kinds["head"] == "head"
-    assert sum(k == "ffn_down" for k in kinds.values()) == 4
-    with pytest.raises(ValueError, match="block_chunks.0.module.0.sa.extra"):
-        layer_kind("block_chunks.0.module.0.sa.extra")
-
-
-def test_load_prompts_builtin_file_and_errors(tmp_path):
-    prompts = load_prompts("qdiff", 3)
-    assert len(prompts) == 3 and prompts[0][0] == "0000" and "elephants" in prompts[0][1]
-    custom = tmp_path / "p.yaml"
-    custom.write_text("a: first caption\nb: second\n")
-    assert load_prompts(str(custom), 2) == [("a", "first caption"), ("b", "second")]
-    with pytest.raises(ValueError, match="holds only 2"):
-        load_prompts(str(custom), 3)
-    with pytest.raises(FileNotFoundError, match="nope"):
-        load_prompts(str(tmp_path / "nope.yaml"), 1)
 
 
 def _linear_row(name, kind, block, ratio, kurt, chan):

@@ -159,3 +159,14 @@ def test_prompt_offsets_and_errors(tmp_path):
         load_prompt_set("qdiff", 1023, 2)
     with pytest.raises(FileNotFoundError, match="collect.prompts"):
         load_prompt_set(str(tmp_path / "nope.yaml"), 0, 1)
+
+
+def test_load_prompt_set_from_a_yaml_file_and_its_errors(tmp_path):
+    custom = tmp_path / "p.yaml"
+    custom.write_text("a: first caption\nb: ' second '\n")
+    assert load_prompt_set(str(custom), 0, 2) == [("a", "first caption"), ("b", "second")]
+    with pytest.raises(ValueError, match="holds 2"):
+        load_prompt_set(str(custom), 1, 2)
+    (tmp_path / "list.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="mapping of id: caption"):
+        load_prompt_set(str(tmp_path / "list.yaml"), 0, 1)

@@ -71,6 +71,12 @@ def layer_kind(name: str) -> str:
     return kind
 
 
+def block_index(name: str, blocks_per_chunk: int) -> int | None:
+    """Global block index of a module name inside ``block_chunks.{k}.module.{j}``, or None outside the blocks."""
+    match = _BLOCK_NAME.match(name)
+    return None if match is None else int(match.group(1)) * blocks_per_chunk + int(match.group(2))
+
+
 def is_block_kind(kind: str) -> bool:
     return kind in BLOCK_KINDS
 
@@ -81,14 +87,13 @@ def block_layer_names(block_name: str) -> list[tuple[str, str]]:
 
 
 def linear_layers(model: nn.Module) -> dict[str, str]:
-    """Every linear layer of ``model`` (``nn.Linear`` or a quantized replacement with ``in_features``) -> kind.
+    """Every linear layer of ``model`` (``nn.Linear`` or a quantized replacement: any module with ``in_features``
+    and ``out_features``) -> kind.
 
     Raises ValueError naming a linear layer that has no kind, so a changed model layout fails loudly.
     """
-    from .fake_linear import FakeQuantLinear
-
     return {
         name: layer_kind(name)
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, FakeQuantLinear))
+        if isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
     }
