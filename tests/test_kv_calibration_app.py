@@ -79,3 +79,32 @@ def test_missing_artifact_directory_is_a_clear_error(tmp_path, capsys):
     assert code == 1
     assert "kv.artifact_dir" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_calibration_through_the_w4a4_model_of_a_ptq_run(tmp_path):
+    from deepcompressor.app.diffusion.ptq_infinity import run_ptq
+    from deepcompressor.nn.fake_linear import FakeQuantLinear
+
+    chain = [TINY] + [str(REPO / "configs" / name) for name in ("collect/qdiff.yaml", "svdquant/int4.yaml",
+                                                                "svdquant/fast.yaml")]  # fmt: skip
+    small = {"pipeline.pn": "0.06M", "collect.num_prompts": 1, "quant.max_tokens": 128, "quant.smooth.num_grids": 2,
+             "quant.low_rank.rank": 4, "quant.low_rank.num_iters": 1, "quant.calib_range.num_grids": 2,
+             "eval.num_prompts": 1, "output.root": str(tmp_path / "runs"),
+             "collect.cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    ptq = run_ptq(load_config(chain, small), tmp_path / "ptq")
+    cfg = tiny_config(tmp_path, **{"kv.artifact_dir": str(ptq.directory)})
+    built = []
+
+    def build(pipeline_cfg):
+        from infinity.pipeline import pipeline_from_config
+
+        built.append(pipeline_from_config(pipeline_cfg))
+        return built[-1]
+
+    result = app.run_calibration(cfg, pipeline_factory=build, progress=False)
+    assert result.data["model"]["artifact_dir"] == str(ptq.directory)
+    model = built[0].transformer
+    assert any(isinstance(m, FakeQuantLinear) for m in model.modules())  # K/V were recorded through W4A4 layers
+    # The scales serve the quantized model (the K/V-relevant weights are untouched by weight quantization).
+    attach_kv_qparams(model, result.path)
+    assert detach_kv_qparams(model)
