@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         logger.info("section %s done in %.1f s", name, time.perf_counter() - start)
     print(format_tables(report))
     if args.json:
-        from ..app.diffusion.files import write_json
+        from ..utils.files import write_json
 
         write_json(args.json, report)
         print(f"json: {args.json}")

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     ok = all(r["ok"] for group in results.values() for r in group)
     results["ok"] = ok
     if args.json:
-        from ..app.diffusion.files import write_json
+        from ..utils.files import write_json
 
         write_json(args.json, results)
     print("ALL OK" if ok else "FAILURES")

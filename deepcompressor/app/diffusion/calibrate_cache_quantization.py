@@ -36,8 +36,8 @@ from ...calib.kv import KV_DTYPE_BITS, minmax_asymmetric, search_clipping_bounds
 from ...config import config_to_dict, parse_cli, save_config
 from ...config.schema import RunConfig
 from ...nn.kv_cache import CALIB_FORMAT, KVRecorder, kv_model_identity, validate_kv_calibration
+from ...utils.files import save_pt, write_json
 from .capture import CaptureSettings, load_prompt_set, weights_fingerprint
-from .files import save_pt, write_json
 
 __all__ = ["PROG", "KVCalibrationResult", "KVCalibrationRunError", "calibrate_kv", "main", "run_calibration"]
 
