@@ -37,9 +37,9 @@ from tqdm import tqdm
 from deepcompressor.app.diffusion.capture import load_prompt_set
 from deepcompressor.config import RunConfig, parse_cli, save_config
 from deepcompressor.nn.layer_map import block_index, layer_kind
+from deepcompressor.utils.files import write_bytes_atomic, write_json, write_text
 
 from .report_figures import plot_channel_profile, plot_depth_profiles
-from .report_io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .report_tables import markdown_report, summarize_kv, summarize_linear
 from .stats import ActivationAccumulator, KVAccumulator, kv_token_matrix
 
@@ -258,9 +258,9 @@ def write_report(
         "worst_layer": None if worst is None else worst["name"],
         "figures": {key: path.name for key, path in paths.items() if key.startswith("figure")},
     }
-    paths["stats"] = write_json_atomic(out_dir / "stats.json", stats)
+    paths["stats"] = write_json(out_dir / "stats.json", stats)
     meta = [f"{key}: {value}" for key, value in run_info.items()]
-    paths["tables"] = write_text_atomic(
+    paths["tables"] = write_text(
         out_dir / "tables.md", markdown_report(title, meta, linear_rows, kv_rows, figures)
     )
     return paths

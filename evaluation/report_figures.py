@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .report_io import write_bytes_atomic
+from deepcompressor.utils.files import write_bytes_atomic
 
 __all__ = ["plot_channel_profile", "plot_depth_profiles"]
 

@@ -12,10 +12,10 @@ import torch
 
 from deepcompressor.app.diffusion.artifacts import ArtifactError, apply_artifacts, load_artifacts
 from deepcompressor.app.diffusion.fidelity import FidelityReference, teacher_forced_logits
-from deepcompressor.app.diffusion.files import load_pt
 from deepcompressor.app.diffusion.ptq_infinity import PTQError, main, run_ptq
 from deepcompressor.config import load_config
 from deepcompressor.nn.fake_linear import FakeQuantLinear
+from deepcompressor.utils.files import load_pt
 
 CHAIN = ["configs/models/infinity-tiny.yaml", "configs/collect/qdiff.yaml", "configs/svdquant/int4.yaml",
          "configs/svdquant/gptq.yaml"]
@@ -176,7 +176,7 @@ def test_loader_rejects_a_missing_file(copy):
 
 
 def test_loader_rejects_a_config_that_does_not_match_the_manifest(copy):
-    from deepcompressor.app.diffusion.files import sha256_file
+    from deepcompressor.utils.files import sha256_file
 
     config = copy / "config.yaml"
     config.write_text(config.read_text().replace("seed: 0\n", "seed: 7\n", 1))

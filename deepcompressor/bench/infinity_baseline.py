@@ -15,17 +15,16 @@ JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from ..utils.files import write_json
 
 logger = logging.getLogger("deepcompressor.bench.infinity_baseline")
 
@@ -107,15 +106,6 @@ def _peak_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _write_json(path: str, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -299,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     print(format_table(res))
     if args.json_path:
-        _write_json(args.json_path, res)
+        write_json(args.json_path, res)
         print(f"wrote {args.json_path}")
     return 0
 

@@ -21,10 +21,7 @@ along the input dimension, fp16 scales, no range search):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 import time
 
 import torch
@@ -35,6 +32,7 @@ from ..calib.layer import calibrate_linear
 from ..calib.search import relative_error, synchronize
 from ..config.schema import QuantConfig
 from ..nn.fake_linear import FakeQuantLinear
+from ..utils.files import write_json
 from .layers_synthetic import LAYER_SETS, SyntheticLayer, input_statistics, synthetic_inputs, synthetic_weight
 
 __all__ = ["METHODS", "main", "method_config", "run_benchmark"]
@@ -151,19 +149,6 @@ def format_table(results: dict, methods=METHODS) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".layers-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,7 +178,7 @@ def main(argv=None) -> int:
         parser.error(str(err))
     print(format_table(results, methods))
     if args.json:
-        _write_json_atomic(args.json, results)
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

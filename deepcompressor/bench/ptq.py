@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     print(_table(report))
     if args.json:
-        from ..app.diffusion.files import write_json
+        from ..utils.files import write_json
 
         write_json(args.json, report)
     return 0

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_ablation(args.model, methods, not args.no_fast, overrides)
     print(ablation_table(rows))
     if args.json:
-        from ..app.diffusion.files import write_json
+        from ..utils.files import write_json
 
         write_json(args.json, rows)
     return 0

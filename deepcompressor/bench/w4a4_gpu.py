@@ -107,7 +107,7 @@ def check_shape(n: int, k: int, wfmt: str, wsym: bool, afmt: str, asym: bool, de
 
 
 def run_check(out: Path) -> bool:
-    from ..app.diffusion.files import write_json
+    from ..utils.files import write_json
     from .w4a4 import layer_shapes
 
     device = torch.device("cuda")

@@ -121,8 +121,8 @@ def _kv_calib_path(cfg: RunConfig, args) -> str | None:
 
 
 def _attach_kv(model, cfg: RunConfig, args, workdir: Path) -> dict:
-    from ..app.diffusion.files import save_pt
     from ..nn.kv_cache import attach_kv_qparams
+    from ..utils.files import save_pt
 
     if args.kv_synthetic:
         path = save_pt(workdir / "synthetic_kv_calib.pt", synthetic_kv_calibration(model))
@@ -351,7 +351,7 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..app.diffusion.files import write_json
+    from ..utils.files import write_json
 
     cfg, args = parse_cli(PROG, argv, add_arguments=add_arguments,
                           description="Latency and memory of Infinity with real W4A4 layers vs the 16-bit baseline.")

@@ -35,8 +35,8 @@ from ...config import ConfigError, load_config, save_config
 from ...config.schema import RunConfig
 from ...nn.fake_linear import FakeQuantLinear
 from ...nn.layer_map import layer_kind
+from ...utils.files import load_pt, save_pt, sha256_file, to_cpu, write_json
 from .capture import weights_fingerprint
-from .files import load_pt, save_pt, sha256_file, to_cpu, write_json
 
 __all__ = [
     "ARTIFACT_FILES",

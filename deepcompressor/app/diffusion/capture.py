@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .files import load_pt, save_pt, sha256_json, write_json
+from ...utils.files import load_pt, save_pt, sha256_json, write_json
 
 __all__ = [
     "CAPTURE_FORMAT",

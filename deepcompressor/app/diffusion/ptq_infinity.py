@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ...config import config_to_dict, parse_cli, run_dir
 from ...config.schema import RunConfig
 from ...nn.layer_map import BLOCK_LAYERS, OTHER_LAYERS, layer_kind
+from ...utils.files import load_pt, save_pt, sha256_json, to_cpu, write_json, write_text
 from .artifacts import write_artifacts, write_manifest
 from .calibrate_blocks import (
     ReplayPlan,
@@ -47,7 +48,6 @@ from .calibrate_blocks import (
 )
 from .capture import CaptureSettings, load_or_capture, load_prompt_set, model_identity
 from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
-from .files import load_pt, save_pt, sha256_json, to_cpu, write_json, write_text
 
 __all__ = ["PROG", "PTQError", "PTQResult", "main", "run_ptq"]
 
