@@ -26,7 +26,6 @@ import io
 import logging
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from deepcompressor.app.diffusion.capture import load_prompt_set
 from deepcompressor.config import RunConfig, parse_cli, save_config
+from deepcompressor.nn.kv_cache import RecordingLayerKVCache
 from deepcompressor.nn.layer_map import block_index, layer_kind
 from deepcompressor.utils.files import write_bytes_atomic, write_json, write_text
 
@@ -45,7 +45,6 @@ from .stats import ActivationAccumulator, KVAccumulator, kv_token_matrix
 
 __all__ = [
     "DiagnosticsRecorder",
-    "RecordingLayerKVCache",
     "diagnostics_dir",
     "main",
     "write_report",
@@ -68,27 +67,6 @@ def diagnostics_dir(cfg: RunConfig) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recording
-
-
-class RecordingLayerKVCache:
-    """Wraps one block's cache: reports every K/V that is stored, then delegates everything to the wrapped cache."""
-
-    __slots__ = ("_inner", "_record")
-
-    def __init__(self, inner, record: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        object.__setattr__(self, "_inner", inner)
-        object.__setattr__(self, "_record", record)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, store: bool) -> torch.Tensor:
-        if store:
-            self._record(k, v)
-        return self._inner.attend(q, k, v, store=store)
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self._inner, name, value)
 
 
 class DiagnosticsRecorder:

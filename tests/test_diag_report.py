@@ -11,10 +11,10 @@ import torch
 from infinity.model import Infinity
 from infinity.sampler import sample
 
+from deepcompressor.nn.kv_cache import RecordingLayerKVCache
 from evaluation import stats
 from evaluation.activations_measurements import (
     DiagnosticsRecorder,
-    RecordingLayerKVCache,
     write_report,
 )
 from evaluation.report_tables import format_number, markdown_report, summarize_kv, summarize_linear

@@ -61,6 +61,7 @@ __all__ = [
     "KVRecorder",
     "QuantizedKVCacheFactory",
     "QuantizedLayerKVCache",
+    "RecordingLayerKVCache",
     "attach_kv_from_config",
     "attach_kv_qparams",
     "detach_kv_qparams",
@@ -455,12 +456,13 @@ def attach_kv_from_config(model, kv_cfg) -> KVQuantParams | None:
 # ------------------------------------------------------------------------------------------------ recording
 
 
-class _RecordingLayer:
-    """Reports the k/v of every ``attend`` call, then delegates everything to the wrapped layer cache."""
+class RecordingLayerKVCache:
+    """Wraps one block's layer cache: reports the k/v of every ``attend`` call (only of the stored ones when
+    ``stored_only``: what the cache actually holds), then delegates everything to the wrapped cache."""
 
     __slots__ = ("_inner", "_record", "_stored_only")
 
-    def __init__(self, inner, record, stored_only: bool) -> None:
+    def __init__(self, inner, record, stored_only: bool = True) -> None:
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_record", record)
         object.__setattr__(self, "_stored_only", stored_only)
@@ -509,7 +511,7 @@ class KVRecorder:
         cache = self._inner_factory(model)
         if len(cache.layers) != self.depth:
             raise ValueError(f"KV cache has {len(cache.layers)} layers, the model {self.depth} blocks")
-        cache.layers = [_RecordingLayer(layer, self._recorder(i), self.stored_only)
+        cache.layers = [RecordingLayerKVCache(layer, self._recorder(i), self.stored_only)
                         for i, layer in enumerate(cache.layers)]  # fmt: skip
         return cache
 
