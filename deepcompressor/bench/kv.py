@@ -5,10 +5,12 @@
 
 Sections (``--sections``):
 
-* ``quality``: per-channel MSE (absolute and relative to the channel variance, held-out data) and attention-output
-  relative error of min-max, symmetric, per-token, KIVI-style, one-percentile-per-layer and our search, at 8 and
-  4 bits, on the real cached K/V of the tiny default model (``--synthetic`` or no ``infinity``: skewed synthetic
-  K/V, labelled so) — ``bench.kv_quality``;
+* ``quality``: per-channel MSE (absolute and relative to the channel variance; in-sample on the calibration data and
+  on several held-out generations, variance pooled over them), share of held-out values outside the static clipping
+  ranges, and attention-output relative error of min-max, symmetric, per-token, KIVI-style,
+  one-percentile-per-layer and our search, at 8 and 4 bits, on the real cached K/V of the tiny default model
+  (``--calib-prompts`` calibration generations, 12 as the calibration app; ``--held-out-prompts`` held-out ones;
+  ``--synthetic`` or no ``infinity``: skewed synthetic K/V, labelled so) — ``bench.kv_quality``;
 * ``calib_time``: the search over 8B-sized K/V (40 blocks x K/V x 28 heads x 128 channels, ``--tokens`` samples
   each; ``--small``: 2 blocks x 4 heads, 2048 samples);
 * ``memory``: KV bytes of 2B and 8B at 1024x1024 (bf16 / INT8 / INT4, with and without the last scale stored)
@@ -38,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--small", action="store_true", help="CPU-sized calibration-time and memory sections")
     parser.add_argument("--synthetic", action="store_true", help="quality on synthetic K/V instead of the tiny model")
-    parser.add_argument("--calib-prompts", type=int, default=4, help="calibration prompts of the quality section")
+    parser.add_argument("--calib-prompts", type=int, default=12,
+                        help="calibration prompts of the quality section (qdiff 0..n-1; the calibration app's "
+                        "collect.num_prompts is 12)")  # fmt: skip
+    parser.add_argument("--held-out-prompts", type=int, default=4,
+                        help="held-out prompts of the quality section (qdiff from 512, seeds 1234 + i)")  # fmt: skip
     parser.add_argument("--config", nargs="+", default=None, metavar="YAML",
                         help="quality on this model (config chain, e.g. configs/models/infinity-8b.yaml) instead of "
                         "the tiny default")  # fmt: skip
@@ -51,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
     args.sections = wanted
+    if args.calib_prompts < 1 or args.held_out_prompts < 1:
+        parser.error("--calib-prompts and --held-out-prompts must be >= 1")
     return args
 
 
@@ -64,11 +72,12 @@ def quality_section(args, device: torch.device) -> dict:
     data = None
     if not args.synthetic:
         try:
-            data = kv_quality.real_kv_data(args.calib_prompts, device=str(device), config_files=args.config)
+            data = kv_quality.real_kv_data(args.calib_prompts, device=str(device), config_files=args.config,
+                                           num_held_out=args.held_out_prompts)  # fmt: skip
         except ImportError as error:
             logger.warning("infinity is not importable (%s): using synthetic K/V", error)
     if data is None:
-        data = kv_quality.synthetic_kv_data()
+        data = kv_quality.synthetic_kv_data(num_held_out=args.held_out_prompts)
     start = time.perf_counter()
     results = kv_quality.evaluate_methods(data, device=device)
     return {"data": data.source, "seconds": time.perf_counter() - start, "results": results}
@@ -103,28 +112,36 @@ def _gib(n) -> str:
     return "-" if n is None else f"{n / 2**30:.3f}"
 
 
+def _share(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def format_tables(report: dict) -> str:
     lines = []
     if "quality" in report:
         q = report["quality"]
         lines += [
             (
-                f"## Quantizer quality ({q['data']}): MSE / channel variance (mean over channels) on the calibration "
-                "data (fit) and on a held-out generation; attention-output relative error of the held-out generation "
-                "(current scale read quantized / in full precision; last scale only)"
+                f"## Quantizer quality ({q['data']}): MSE / channel variance (mean over channels) in-sample on the "
+                "calibration data (fit) and on all held-out generations (variance pooled over them); share of "
+                "held-out values outside the static clipping range (- : dynamic per token); attention-output "
+                "relative error over every self-attention of the held-out generations (current scale read "
+                "quantized / in full precision; last scale only)"
             ),
             "",
             (
-                "| method | bits | K fit | V fit | K held-out | V held-out | attn err | attn err (current full) | "
-                "attn err (last scale) |"
+                "| method | bits | K fit (in-sample) | V fit (in-sample) | K held-out | V held-out | K outside | "
+                "V outside | attn err | attn err (current full) | attn err (last scale) |"
             ),
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, per_bits in q["results"].items():
             for bits, r in per_bits.items():
-                cells = [r["fit_k_rel_mse"], r["fit_v_rel_mse"], r["k_rel_mse"], r["v_rel_mse"], r["attn_rel_err"],
-                         r["attn_rel_err_current_full"], r["attn_rel_err_last"]]  # fmt: skip
-                lines.append(f"| {method} | {bits} | " + " | ".join(f"{c:.2e}" for c in cells) + " |")
+                cells = [f"{c:.2e}" for c in (r["fit_k_rel_mse"], r["fit_v_rel_mse"], r["k_rel_mse"], r["v_rel_mse"])]
+                cells += [_share(r["k_outside"]), _share(r["v_outside"])]
+                cells += [f"{c:.2e}" for c in (r["attn_rel_err"], r["attn_rel_err_current_full"],
+                                               r["attn_rel_err_last"])]  # fmt: skip
+                lines.append(f"| {method} | {bits} | " + " | ".join(cells) + " |")
         lines.append("")
     if "calib_time" in report:
         c = report["calib_time"]
