@@ -26,13 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import pack_int4, unpack_int4
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
-    triton = None
-    tl = None
+from .triton_utils import HAS_TRITON, round_half_even, tl, triton
 
 __all__ = [
     "HAS_TRITON",
@@ -45,7 +39,6 @@ __all__ = [
     "use_triton",
 ]
 
-HAS_TRITON = triton is not None
 _LOG2E = 1.4426950408889634
 
 
@@ -136,15 +129,6 @@ def reference_kv_attention(
 if HAS_TRITON:
 
     @triton.jit
-    def _round_half_even(t):
-        # torch.round semantics; libdevice.rint is not available under the interpreter.
-        r = tl.floor(t)
-        frac = t - r
-        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-        up = (frac > 0.5) | ((frac == 0.5) & odd)
-        return tl.where(up, r + 1.0, r)
-
-    @triton.jit
     def _quantize_kernel(
         X, S, Z, OUT,
         sx_b, sx_h, sx_l,
@@ -165,7 +149,7 @@ if HAS_TRITON:
             x = tl.load(x_rows + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
             s = tl.load(S + h * D + offs_d)
             z = tl.load(Z + h * D + offs_d)
-            q = _round_half_even(tl.math.div_rn(x, s[None, :])) + z[None, :]
+            q = round_half_even(tl.math.div_rn(x, s[None, :])) + z[None, :]
             q = tl.minimum(tl.maximum(q, 0.0), 255.0)
             tl.store(o_rows + offs_d[None, :], q.to(tl.uint8), mask=row_mask)
         else:
@@ -177,8 +161,8 @@ if HAS_TRITON:
             s_hi = tl.load(S + h * D + even + 1)
             z_lo = tl.load(Z + h * D + even)
             z_hi = tl.load(Z + h * D + even + 1)
-            q_lo = _round_half_even(tl.math.div_rn(x_lo, s_lo[None, :])) + z_lo[None, :]
-            q_hi = _round_half_even(tl.math.div_rn(x_hi, s_hi[None, :])) + z_hi[None, :]
+            q_lo = round_half_even(tl.math.div_rn(x_lo, s_lo[None, :])) + z_lo[None, :]
+            q_hi = round_half_even(tl.math.div_rn(x_hi, s_hi[None, :])) + z_hi[None, :]
             q_lo = tl.minimum(tl.maximum(q_lo, 0.0), 15.0).to(tl.uint8)
             q_hi = tl.minimum(tl.maximum(q_hi, 0.0), 15.0).to(tl.uint8)
             tl.store(o_rows + offs_p[None, :], q_lo | (q_hi << 4), mask=row_mask)

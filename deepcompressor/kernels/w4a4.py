@@ -31,14 +31,8 @@ import torch
 from ..quant.core import num_groups
 from ..quant.formats import QuantSpec
 from ..quant.functional import quantize
+from .triton_utils import HAS_TRITON, round_half_even, tl, triton
 from .w4a4_layout import GROUP, check_group_multiple, unpack_weight
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
-    triton = None
-    tl = None
 
 __all__ = [
     "BACKENDS",
@@ -61,7 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HAS_TRITON = triton is not None
 BACKENDS = ("auto", "triton", "torch")
 _SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
@@ -195,15 +188,6 @@ def w4a4_matmul_torch(act: QuantizedActivations, w_packed: torch.Tensor, w_scale
 if HAS_TRITON:
 
     @triton.jit
-    def _rint(t):
-        # Round half to even (torch.round); libdevice.rint is not available under the interpreter.
-        r = tl.floor(t)
-        frac = t - r
-        odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-        up = (frac > 0.5) | ((frac == 0.5) & odd)
-        return tl.where(up, r + 1.0, r)
-
-    @triton.jit
     def _round_to(v, KIND: tl.constexpr):
         # float32 -> the nearest value of a 16-bit dtype (KIND 0 float16, 1 bfloat16, 2 float32: unchanged), ties
         # to even. bfloat16 by bit arithmetic: the interpreter's float32 -> bfloat16 cast truncates.
@@ -266,8 +250,8 @@ if HAS_TRITON:
                 xmax = tl.maximum(tl.max(x, axis=1), 0.0)
                 span = tl.zeros_like(xmin) + (QMAX - QMIN)
                 scale = _stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
-                zero = tl.minimum(tl.maximum(_rint(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
-            q = _rint(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
+                zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
+            q = round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
             q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, None]
             tl.store(c_rows + k0 + cols[None, :], q.to(tl.int8), mask=row_mask[:, None])
             tl.store(SCALES + g * M + rows, scale, mask=row_mask)
