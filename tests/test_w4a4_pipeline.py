@@ -66,17 +66,24 @@ def test_top_level_script_is_the_same_program(monkeypatch, capsys):
 
 def test_kernel_benchmark_cpu_smoke(tmp_path):
     path = tmp_path / "kernels.json"
-    assert kernel_bench.main(["--device", "cpu", "--arch", "tiny", "--tokens", "32", "--repeats", "1", "--warmup",
-                              "0", "--json", str(path)]) == 0
+    assert kernel_bench.main(["--device", "cpu", "--arch", "tiny", "--rows", "2", "64", "--replays", "1",
+                              "--json", str(path)]) == 0
     res = json.loads(path.read_text())
     assert [(r["layer"], r["M"], r["N"], r["K"]) for r in res["rows"]] == [
-        ("sa.mat_qkv", 64, 768, 256), ("sa.proj|ca.mat_q|ca.proj", 64, 256, 256), ("ffn.fc1", 64, 1024, 256),
-        ("ffn.fc2", 64, 256, 1024)]
+        (layer, m, n, k) for layer, n, k in (("sa.mat_qkv", 768, 256), ("sa.proj|ca.mat_q|ca.proj", 256, 256),
+                                             ("ffn.fc1", 1024, 256), ("ffn.fc2", 256, 1024)) for m in (2, 64)]
     for row in res["rows"]:
-        assert set(row["ms"]) >= {"bf16", "w4a4_gemm", "w4a4_gemm_lr", "act_quant", "layer"}
+        assert set(row["ms"]) == {"bf16", "torch"} and row["device"] == "cpu"  # no CUDA backend on CPU
+        assert row["speedup_layer_vs_bf16"] == row["ms"]["bf16"] / row["ms"]["torch"]
         assert row["check_vs_torch_path_rel"] == 0.0  # CPU runs the PyTorch path itself
         assert 0.01 < row["quant_error_vs_16bit_rel"] < 0.5  # 4-bit, with random (unsearched) smoothing
-        assert row["weight_bytes"]["w4a4_layer"] < row["weight_bytes"]["bf16"]  # rank 32 is large at tiny widths
+        assert row["resident_bytes"]["w4a4_layer"] < row["resident_bytes"]["bf16"]
+    assert res["generation"] == []  # only on GPU by default
+
+
+def test_generation_rows_are_the_1024_schedule_with_cfg():
+    rows = kernel_bench.generation_rows()
+    assert rows[:3] == [2, 8, 32] and rows[-2:] == [4608, 8192] and len(rows) == 13
 
 
 def test_gpu_check_passes_on_correct_kernels():

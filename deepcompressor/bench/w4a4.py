@@ -1,30 +1,31 @@
-"""Micro-benchmark of the W4A4 linear at the Infinity-2B/8B layer shapes.
+"""Micro-benchmark of the W4A4 linear at the Infinity-2B/8B layer shapes, per backend, against bf16.
 
-For every transformer-block linear shape (``sa.mat_qkv``, the C x C projections, ``ffn.fc1``, ``ffn.fc2``) and token
-count ``M = tokens x CFG rows`` (default 4096 and 2304 tokens, the last two scales at 1024x1024, times 2), the
-median latency of
+For every transformer-block linear shape (``sa.mat_qkv``, the C x C projections, ``ffn.fc1``, ``ffn.fc2``) and row
+count M (default 2, 8, 32, 64, 256, 1024, 4608, 8192: rows = tokens x CFG rows), the time of one whole layer call:
 
-- ``bf16``: ``torch.matmul`` of 16-bit activations and weights (the baseline);
-- ``int8``: ``torch._int_mm`` of int8 activations and weights (plain INT8 tensor-core GEMM, no scales: a bound);
-- ``w4a4_gemm``: the W4A4 GEMM kernel on already quantized activations (per-group int8 products, scaling), with
-  the variant chosen by measurement, and each variant alone (``w4a4_gemm_ab``, ``w4a4_gemm_swapped``);
-- ``w4a4_gemm_lr``: the same with the low-rank up projection and bias in the epilogue;
-- ``act_quant`` / ``act_quant_nolr``: the activation kernel (smoothing, 4-bit quantization) with / without the fused
-  low-rank down projection, and ``down_bf16``: that down projection as a separate 16-bit GEMM instead;
-- ``layer``: the whole ``W4A4Linear`` forward (activation kernel + GEMM with epilogue);
+- ``bf16``: ``F.linear`` of 16-bit activations, weights and bias (cuBLAS: the baseline);
+- ``int``: the exact integer kernels (activation codes, int32 products per group; one fixed launch configuration,
+  no autotuning); ``gemv`` (at most 128 rows) and ``dequant``: the mixed-input backends; ``auto``: what
+  ``W4A4Linear`` picks for this GPU and shape (``deepcompressor.kernels.w4a4_dispatch``).
 
-with TFLOP/s (TOP/s for integer GEMMs) counted as ``2 M N K``, the weight bytes, and a check of the kernels against
-the PyTorch path of the same arithmetic (and the quantization error against the 16-bit layer). Prints a table and
-writes JSON (``--json``).
+Timing as in the model, whose scales replay CUDA graphs: one CUDA graph runs every call of a set of copies of the
+layer (enough copies that their weights exceed twice the L2 cache, so weights come from HBM as in a real forward),
+several times over; the time per call is the median replay time over the calls in it. Columns that cannot run at a
+size (``gemv`` above 128 rows) are left empty. Also reported: the bytes each backend holds (the layer's packed
+buffers, the shared workspaces), the check of the layer's output against the PyTorch path of the same arithmetic,
+and, with ``--generation``, one 1024x1024 generation's linear work (every scale's rows, CFG included) per layer
+type and per model, bf16 against ``auto``.
 
-    python -m deepcompressor.bench.w4a4 --json runs/bench/w4a4_kernels.json      # GPU: 2B and 8B shapes
-    python -m deepcompressor.bench.w4a4 --arch tiny --device cpu --tokens 64     # CPU smoke run (PyTorch path)
+    python -m deepcompressor.bench.w4a4 --json docs/results/w4a4_kernels_h200.json      # GPU: 2B and 8B shapes
+    python -m deepcompressor.bench.w4a4 --arch tiny --device cpu --rows 64               # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import math
 import statistics
 import sys
 import time
@@ -36,190 +37,302 @@ from tqdm import tqdm
 
 logger = logging.getLogger("deepcompressor.bench.w4a4")
 
-DEFAULT_TOKENS = (4096, 2304)
+DEFAULT_ROWS = (2, 8, 32, 64, 256, 1024, 4608, 8192)
+GPU_BACKENDS = ("bf16", "int", "gemv", "dequant", "auto")
 CHECK_ROWS = 256
+L2_FLUSH_BYTES = 2 * 60 * 2**20  # twice an H100/H200 L2
+GENERATION_PN = "1M"
 
 
-def layer_shapes(arch_name: str) -> list[tuple[str, int, int]]:
-    """``(layer, N, K)`` of the quantized block linears that read image tokens (``ca.mat_kv`` reads the text)."""
+def layer_shapes(arch_name: str) -> list[tuple[str, int, int, int]]:
+    """``(layer, N, K, layers per block)`` of the quantized block linears that read image tokens (``ca.mat_kv``
+    reads the text, once per generation)."""
     from infinity.arch import get_arch
 
     arch = get_arch(arch_name)
     c, hidden = arch.embed_dim, arch.mlp_hidden
-    return [("sa.mat_qkv", 3 * c, c), ("sa.proj|ca.mat_q|ca.proj", c, c), ("ffn.fc1", hidden, c),
-            ("ffn.fc2", c, hidden)]
+    return [("sa.mat_qkv", 3 * c, c, 1), ("sa.proj|ca.mat_q|ca.proj", c, c, 3), ("ffn.fc1", hidden, c, 1),
+            ("ffn.fc2", c, hidden, 1)]
+
+
+def generation_rows(pn: str = GENERATION_PN, cfg_rows: int = 2) -> list[int]:
+    from infinity.schedules import get_scale_schedule, tokens_per_scale
+
+    return [t * cfg_rows for t in tokens_per_scale(get_scale_schedule(pn))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.w4a4", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=None, help="Architectures (default: 2b 8b on GPU, tiny on CPU)")
+    parser.add_argument("--rows", nargs="+", type=int, default=None,
+                        help="Rows M per call (default: 2 8 32 64 256 1024 4608 8192 on GPU, 64 on CPU)")
     parser.add_argument("--tokens", nargs="+", type=int, default=None,
-                        help="Image tokens per row (default: 4096 2304 on GPU, 64 on CPU)")
+                        help="Image tokens per CFG row instead of --rows (M = tokens x --cfg-rows)")
     parser.add_argument("--cfg-rows", type=int, default=2, help="Rows per token (2 with classifier-free guidance)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "gemv", "dequant", "auto",
+                                                                         "torch"),
+                        help="Default: bf16 int gemv dequant auto on GPU, bf16 torch on CPU")
+    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None,
+                        help="Also time one 1024x1024 generation's linear work per layer type (default: on GPU)")
     parser.add_argument("--rank", type=int, default=32, help="Low-rank branch rank")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="Activation dtype: auto (bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
-    parser.add_argument("--warmup", type=int, default=None, help="Untimed calls first (default 10 GPU, 1 CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed calls, median reported (50 GPU, 3 CPU)")
+    parser.add_argument("--replays", type=int, default=None, help="Timed graph replays (default 7 GPU, 3 CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="Write the results here (JSON)")
     return parser.parse_args(argv)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events around each call on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def graph_ms(calls: list[Callable[[], object]], device: torch.device, replays: int, target_calls: int = 96) -> float:
+    """Median time per call of ``calls`` (each a layer on its own copy of the weights), captured together in one
+    CUDA graph that runs them ``rounds`` times (on CPU: wall time of plain calls)."""
+    rounds = max(1, target_calls // len(calls))
+    if device.type != "cuda":
+        for call in calls:
+            call()
+        times = []
+        for _ in range(replays):
             start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
+            for call in calls:
+                call()
+            times.append((time.perf_counter() - start) * 1e3 / len(calls))
+        return statistics.median(times)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up outside capture: compiles, measures the dispatch choice
+        for call in calls:
+            call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (rounds * len(calls)))
+    del graph
     return statistics.median(times)
+
+
+def _copies(nbytes: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return max(2, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1)))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def bench_shape(arch: str, layer: str, n: int, k: int, m: int, args, device: torch.device, dtype: torch.dtype
-                ) -> dict:
-    from ..config.schema import ActivationQuantConfig, QuantConfig, WeightQuantConfig
-    from ..kernels import w4a4 as kernels
-    from ..nn.w4a4_linear import synthetic_w4a4_linear
+# ------------------------------------------------------------------------------------------------ one shape
 
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    linear = nn.Linear(k, n, device=device, dtype=dtype)
-    with torch.no_grad():
-        linear.weight.normal_(0.0, k**-0.5, generator=gen)
-        linear.bias.normal_(0.0, 0.02, generator=gen)
-    qcfg = QuantConfig(wgts=WeightQuantConfig(dtype="sint4", group_size=64),
-                       ipts=ActivationQuantConfig(dtype="sint4", group_size=64))
-    layer_mod = synthetic_w4a4_linear(linear, qcfg, args.rank, True, gen, name=f"{arch}.{layer}",
-                                      backend=args.backend)
-    # Activations with a few outlier channels, as in the real layers.
-    x = torch.randn(m, k, device=device, generator=gen)
-    x[:, :: max(1, k // 16)] *= 8
-    x = x.to(dtype)
-    w16 = linear.weight.detach()
-    timing = {"device": device, "warmup": args.warmup, "repeats": args.repeats}
-    flops = 2.0 * m * n * k
-    results: dict[str, float] = {}
 
-    results["bf16"] = median_ms(lambda: torch.matmul(x, w16.t()), **timing)
-    if hasattr(torch, "_int_mm"):
-        x8 = torch.randint(-8, 8, (m, k), dtype=torch.int8, device=device)
-        w8t = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device).t()  # column-major, as cuBLASLt wants
-        results["int8"] = median_ms(lambda: torch._int_mm(x8, w8t), **timing)
+class ShapeBench:
+    """The bf16 layer and its W4A4 form at one ``[N, K]`` shape, with copies for cold-weight timing."""
 
-    spec, backend = layer_mod.ispec, args.backend
-    smooth = layer_mod._cast("smooth_scale", dtype)
-    l1t, l2t = layer_mod._cast("lowrank_l1t", dtype), layer_mod._cast("lowrank_l2t", dtype)
-    bias = layer_mod._cast("bias", dtype)
-    act = kernels.quantize_activations(x, spec, backend=backend, smooth=smooth, l2t=l2t)
-    weight = (layer_mod.weight_packed, layer_mod.weight_scale, layer_mod.weight_zero, layer_mod.wspec.fmt.signed)
-    extra = {}
-    if not kernels.use_triton(device, backend):
-        extra["weight"] = layer_mod._cpu_weight()
-    results["w4a4_gemm"] = median_ms(
-        lambda: kernels.w4a4_matmul(act, *weight, backend=backend, out_dtype=dtype, **extra), **timing)
-    if kernels.use_triton(device, backend):
-        for variant in ("ab", "swapped"):
-            results[f"w4a4_gemm_{variant}"] = median_ms(
-                lambda v=variant: kernels.w4a4_matmul(act, *weight, backend=backend, out_dtype=dtype, variant=v),
-                **timing)
-    results["w4a4_gemm_lr"] = median_ms(
-        lambda: kernels.w4a4_matmul(act, *weight, backend=backend, l1t=l1t, bias=bias, out_dtype=dtype, **extra),
-        **timing)
-    results["act_quant"] = median_ms(
-        lambda: kernels.quantize_activations(x, spec, backend=backend, smooth=smooth, l2t=l2t), **timing)
-    results["act_quant_nolr"] = median_ms(
-        lambda: kernels.quantize_activations(x, spec, backend=backend, smooth=smooth), **timing)
-    results["down_bf16"] = median_ms(lambda: torch.matmul(x, l2t), **timing)
-    with torch.no_grad():
-        results["layer"] = median_ms(lambda: layer_mod(x), **timing)
+    def __init__(self, arch: str, layer: str, n: int, k: int, args, device: torch.device, dtype: torch.dtype):
+        from ..config.schema import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+        from ..nn.w4a4_linear import synthetic_w4a4_linear
 
-    # Checks on the first rows (quantization is per token, so a row slice gives the same rows).
+        self.arch, self.layer, self.n, self.k, self.device, self.dtype = arch, layer, n, k, device, dtype
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        self.linear = nn.Linear(k, n, device=device, dtype=dtype)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, k**-0.5, generator=gen)
+            self.linear.bias.normal_(0.0, 0.02, generator=gen)
+        qcfg = QuantConfig(wgts=WeightQuantConfig(dtype="sint4", group_size=64),
+                           ipts=ActivationQuantConfig(dtype="sint4", group_size=64))
+        self.w4a4 = synthetic_w4a4_linear(self.linear, qcfg, args.rank, True, gen, name=f"{arch}.{layer}")
+        self.gen = gen
+        bf16_bytes = 2 * n * k
+        self.bf16_copies = [self.linear] + [copy.deepcopy(self.linear) for _ in range(_copies(bf16_bytes, device) - 1)]
+        self.w4a4_copies = [self.w4a4] + [copy.deepcopy(self.w4a4)
+                                          for _ in range(_copies(self.w4a4.nbytes(), device) - 1)]
+
+    def activations(self, m: int) -> torch.Tensor:
+        x = torch.randn(m, self.k, device=self.device, generator=self.gen)
+        x[:, :: max(1, self.k // 16)] *= 8  # a few outlier channels, as in the real layers
+        return x.to(self.dtype)
+
+    def time_backend(self, backend: str, x: torch.Tensor, replays: int) -> float | None:
+        m = x.shape[0]
+        if backend == "bf16":
+            calls = [lambda lin=lin: torch.nn.functional.linear(x, lin.weight, lin.bias) for lin in self.bf16_copies]
+        elif backend == "int":
+            calls = [lambda lay=lay: _int_forward(lay, x) for lay in self.w4a4_copies]
+        else:
+            if backend == "gemv" and m > 128:
+                return None
+            if backend in ("gemv", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
+                return None
+            for lay in self.w4a4_copies:
+                lay.backend = backend
+            calls = [lambda lay=lay: lay(x) for lay in self.w4a4_copies]
+        with torch.no_grad():
+            return graph_ms(calls, self.device, replays)
+
+
+def _int_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The exact integer kernels with one fixed launch configuration (no autotuning)."""
+    from ..kernels.w4a4 import quantize_activations_triton, w4a4_matmul_triton
+
+    dtype = x.dtype
+    act = quantize_activations_triton(x, layer.ispec, smooth=layer._cast("smooth_scale", dtype),
+                                      l2t=layer._cast("lowrank_l2t", dtype), block_m=32)
+    m = x.shape[0]
+    block_m = 16 if m <= 16 else (64 if m <= 64 else 128)
+    config = {"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4 if block_m < 128 else 8,
+              "num_stages": 3}
+    return w4a4_matmul_triton(act, layer.weight_packed, layer.weight_scale, layer.weight_zero,
+                              layer.wspec.fmt.signed, l1t=layer._cast("lowrank_l1t", dtype),
+                              bias=layer._cast("bias", dtype), out_dtype=dtype, variant="ab", config=config)
+
+
+def bench_shape(bench: ShapeBench, m: int, args) -> dict:
+    from ..kernels import w4a4_dispatch as dispatch
+
+    x = bench.activations(m)
+    ms = {}
+    errors = {}
+    for backend in args.backends:
+        if backend == "int" and bench.device.type != "cuda":
+            continue
+        try:
+            value = bench.time_backend(backend, x, args.replays)
+        except Exception as error:  # noqa: BLE001 - one failing backend leaves its column empty, named in the JSON
+            logger.error("%s %s M=%d backend %s failed: %s", bench.arch, bench.layer, m, backend, error)
+            errors[backend] = f"{type(error).__name__}: {error}"[:500]
+            continue
+        if value is not None:
+            ms[backend] = value
+    layer = bench.w4a4
+    row = {"arch": bench.arch, "layer": bench.layer, "M": m, "N": bench.n, "K": bench.k, "rank": args.rank,
+           "dtype": str(bench.dtype).removeprefix("torch."), "device": args.device_name, "ms": ms}
+    if errors:
+        row["errors"] = errors
+    best = "auto" if "auto" in ms else ("torch" if "torch" in ms else None)
+    row["speedup_layer_vs_bf16"] = ms["bf16"] / ms[best] if best and "bf16" in ms else None
+    row["speedup_vs_bf16"] = {b: ms["bf16"] / t for b, t in ms.items() if b != "bf16" and "bf16" in ms}
+    if bench.device.type == "cuda" and bench.dtype != torch.float32:
+        key = dispatch._key(x, _operands(layer, bench.dtype))
+        row["auto_choice"] = dispatch.choices.get(key) or {"source": "rule"}
+    # Bytes held between calls: the packed layer, and the workspaces the backends share across all layers.
+    rank = layer.lowrank_l1t.shape[0] if layer.lowrank_l1t is not None else 0
+    row["resident_bytes"] = {"bf16": 2 * bench.n * bench.k + 2 * bench.n, "w4a4_layer": layer.nbytes(),
+                             "dequant_workspace_for_this_layer": 2 * bench.n * (bench.k + rank),
+                             "gemv_partials_for_this_layer": _gemv_partial_bytes(m, bench.n, bench.k)}
     rows = x[:CHECK_ROWS]
     with torch.no_grad():
-        y = layer_mod(rows)
-        torch_path = _torch_path_output(layer_mod, rows)
-        y16 = linear(rows)
-    row = {
-        "arch": arch, "layer": layer, "M": m, "N": n, "K": k, "rank": args.rank,
-        "dtype": str(dtype).removeprefix("torch."),
-        "ms": results,
-        "tflops": {name: flops / (ms * 1e-3) / 1e12 for name, ms in results.items()
-                   if name in ("bf16", "int8", "w4a4_gemm", "w4a4_gemm_ab", "w4a4_gemm_swapped", "w4a4_gemm_lr",
-                               "layer")},
-        "speedup_layer_vs_bf16": results["bf16"] / results["layer"],
-        "weight_bytes": {"bf16": 2 * n * k, "w4a4_layer": layer_mod.nbytes()},
-        "check_vs_torch_path_rel": _relative(y, torch_path),
-        "quant_error_vs_16bit_rel": _relative(y, y16),
-        "gemm_config": _gemm_config(kernels),
-    }
+        layer.backend = "auto"
+        y = layer(rows)
+        layer.backend = "torch"
+        torch_path = layer(rows)
+        layer.backend = "auto"
+        y16 = bench.linear(rows)
+    row["check_vs_torch_path_rel"] = _relative(y, torch_path)
+    row["quant_error_vs_16bit_rel"] = _relative(y, y16)
     return row
 
 
-def _torch_path_output(layer_mod, rows: torch.Tensor) -> torch.Tensor:
-    backend = layer_mod.backend
-    layer_mod.backend = "torch"
-    try:
-        return layer_mod(rows)
-    finally:
-        layer_mod.backend = backend
+def _gemv_partial_bytes(m: int, n: int, k: int) -> int:
+    from ..kernels.w4a4_mixed import GEMV_MAX_ROWS, default_gemv_config
+
+    if m > GEMV_MAX_ROWS:
+        return 0
+    cfg = default_gemv_config(m, n, k)
+    return 4 * m * n * cfg.splits if cfg.splits > 1 else 0
 
 
-def _gemm_config(kernels) -> dict:
-    """The autotuners' last choices and the variant choices made so far."""
-    configs = {}
-    for name in ("_w4a4_gemm_autotuned", "_w4a4_gemm_swapped_autotuned", "_act_quant_autotuned"):
-        best = getattr(getattr(kernels, name, None), "best_config", None)
-        if best is not None:
-            configs[name.strip("_")] = str(best)
-    configs["variants"] = {str(key[:3]): choice for key, choice in kernels._variant_choice.items()}
-    return configs
+def _operands(layer, dtype):
+    from ..kernels.w4a4_dispatch import LinearOperands
+
+    return LinearOperands(spec=layer.ispec, w_packed=layer.weight_packed, w_scale=layer.weight_scale,
+                          w_zero=layer.weight_zero, w_signed=layer.wspec.fmt.signed,
+                          smooth=layer._cast("smooth_scale", dtype), l1t=layer._cast("lowrank_l1t", dtype),
+                          l2t=layer._cast("lowrank_l2t", dtype), bias=layer._cast("bias", dtype), name=layer.name)
+
+
+def bench_generation(bench: ShapeBench, per_block: int, depth: int, args) -> dict:
+    """One generation's calls of this layer type: every scale's rows, ``per_block`` layers in each of ``depth``
+    blocks; bf16 against ``auto``."""
+    per_scale = []
+    for m in generation_rows(cfg_rows=args.cfg_rows):
+        x = bench.activations(m)
+        bf16 = bench.time_backend("bf16", x, args.replays)
+        auto = bench.time_backend("auto", x, args.replays)
+        per_scale.append({"M": m, "bf16_ms": bf16, "auto_ms": auto})
+    calls = per_block * depth
+    bf16_total = calls * sum(s["bf16_ms"] for s in per_scale)
+    auto_total = calls * sum(s["auto_ms"] for s in per_scale)
+    return {"arch": bench.arch, "layer": bench.layer, "N": bench.n, "K": bench.k, "layers": calls,
+            "bf16_ms": bf16_total, "auto_ms": auto_total, "speedup_vs_bf16": bf16_total / auto_total,
+            "per_scale": per_scale}
 
 
 def run(args: argparse.Namespace) -> dict:
+    from infinity.arch import get_arch
     from infinity.checkpoints import resolve_device, resolve_dtype
+
+    from ..kernels.w4a4_dispatch import dispatch_cache_path, nunchaku_status, resident_workspace_bytes
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     on_gpu = device.type == "cuda"
     args.arch = args.arch or (["2b", "8b"] if on_gpu else ["tiny"])
-    args.tokens = args.tokens or (list(DEFAULT_TOKENS) if on_gpu else [64])
-    args.warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    args.repeats = args.repeats if args.repeats is not None else (50 if on_gpu else 3)
-    cases = [(arch, layer, n, k, t * args.cfg_rows) for arch in args.arch for layer, n, k in layer_shapes(arch)
-             for t in args.tokens]
-    rows = []
-    for arch, layer, n, k, m in tqdm(cases, desc="shapes"):
-        row = bench_shape(arch, layer, n, k, m, args, device, dtype)
-        logger.info("%s %s M=%d: %s", arch, layer, m, {name: round(v, 4) for name, v in row["ms"].items()})
-        rows.append(row)
+    if args.tokens:
+        args.rows = [t * args.cfg_rows for t in args.tokens]
+    args.rows = args.rows or (list(DEFAULT_ROWS) if on_gpu else [64])
+    args.backends = args.backends or (list(GPU_BACKENDS) if on_gpu else ["bf16", "torch"])
+    args.replays = args.replays or (7 if on_gpu else 3)
+    args.generation = on_gpu if args.generation is None else args.generation
+    args.device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
+    rows, generation = [], []
+    shapes = [(arch, *shape) for arch in args.arch for shape in layer_shapes(arch)]
+    for arch, layer, n, k, per_block in tqdm(shapes, desc="shapes"):
+        bench = ShapeBench(arch, layer, n, k, args, device, dtype)
+        for m in args.rows:
+            row = bench_shape(bench, m, args)
+            logger.info("%s %s M=%d: %s", arch, layer, m, {b: round(v, 4) for b, v in row["ms"].items()})
+            rows.append(row)
+        if args.generation:
+            generation.append(bench_generation(bench, per_block, get_arch(arch).depth, args))
+        del bench
         if on_gpu:
             torch.cuda.empty_cache()
+    totals = {}
+    for arch in args.arch:
+        parts = [g for g in generation if g["arch"] == arch]
+        if parts:
+            bf16, auto = sum(g["bf16_ms"] for g in parts), sum(g["auto_ms"] for g in parts)
+            totals[arch] = {"bf16_ms": bf16, "auto_ms": auto, "speedup_vs_bf16": bf16 / auto}
     return {
-        "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device_name,
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "backend": args.backend,
         "dtype": str(dtype).removeprefix("torch."),
-        "warmup": args.warmup,
-        "repeats": args.repeats,
+        "timing": "CUDA-graph replays of calls on copies of the layer whose weights exceed 2x L2, median per call"
+                  if on_gpu else "wall time per call",
+        "replays": args.replays,
+        "backends": args.backends,
+        "dispatch_cache": str(dispatch_cache_path()),
+        "resident_workspace_bytes": resident_workspace_bytes(),
+        "nunchaku": nunchaku_status(),
         "rows": rows,
+        "generation": generation,
+        "generation_totals": totals,
     }
 
 
@@ -231,36 +344,37 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def _ms_tflops(row: dict, name: str) -> str:
-    if name not in row["ms"]:
-        return f"{'-':>15}"
-    return f"{row['ms'][name]:7.3f} {row['tflops'][name]:7.3g}"
-
-
-def _variants(ms: dict) -> str:
-    if "w4a4_gemm_ab" not in ms:
-        return f"{'-':>15}"
-    return f"{ms['w4a4_gemm_ab']:7.3f} {ms['w4a4_gemm_swapped']:7.3f}"
-
-
 def format_table(res: dict) -> str:
-    title = (f"W4A4 linear micro-benchmark on {res['device']} ({res['dtype']}, backend {res['backend']}, median of "
-             f"{res['repeats']}): ms and TFLOP/s (TOP/s for int8 / w4a4) at 2 M N K")
-    header = (f"{'arch':<5} {'layer':<25} {'M':>6} {'N':>6} {'K':>6} | {'bf16':>15} | {'int8 _int_mm':>15} | "
-              f"{'w4a4 gemm':>15} | {'ab / swapped ms':>15} | {'+lowrank':>8} | {'act q':>7} {'(nolr':>7} "
-              f"{'+bf16 dn)':>9} | "
-              f"{'layer':>15} | {'x bf16':>6} | {'chk':>7}")
+    backends = [b for b in res["backends"] if b != "bf16"]
+    title = (f"W4A4 linear on {res['device']} ({res['dtype']}), ms per call ({res['timing']}); x bf16 = bf16 time "
+             f"over the backend's")
+    header = (f"{'arch':<4} {'layer':<25} {'M':>5} {'N':>6} {'K':>6} | {'bf16':>8} | "
+              + " | ".join(f"{b:>8} {'x bf16':>6}" for b in backends) + f" | {'auto picks':<16} | {'chk':>7}")
     lines = [title, header]
     for row in res["rows"]:
-        ms = row["ms"]
-        lines.append(
-            f"{row['arch']:<5} {row['layer']:<25} {row['M']:>6} {row['N']:>6} {row['K']:>6} | "
-            f"{_ms_tflops(row, 'bf16')} | {_ms_tflops(row, 'int8')} | {_ms_tflops(row, 'w4a4_gemm')} | "
-            f"{_variants(ms)} | {ms['w4a4_gemm_lr']:8.3f} | {ms['act_quant']:7.3f} {ms['act_quant_nolr']:7.3f} {ms['down_bf16']:9.3f} | "
-            f"{_ms_tflops(row, 'layer')} | {row['speedup_layer_vs_bf16']:6.2f} | {row['check_vs_torch_path_rel']:7.1e}")
-    lines.append("chk: relative difference of the layer's output to the PyTorch path of the same arithmetic; "
-                 "act q: activation kernel with the fused low-rank down projection, (nolr: without it, +bf16 dn: "
-                 "the down projection as a separate 16-bit GEMM)")
+        ms, speed = row["ms"], row["speedup_vs_bf16"]
+        cells = []
+        for b in backends:
+            cells.append(f"{ms[b]:8.4f} {speed.get(b, float('nan')):6.2f}" if b in ms else f"{'':>8} {'':>6}")
+        choice = row.get("auto_choice") or {}
+        pick = choice.get("backend", "-")
+        if choice.get("config"):
+            pick += f" bn{choice['config']['block_n']}/s{choice['config']['splits']}"
+        bf16 = f"{ms['bf16']:8.4f}" if "bf16" in ms else f"{'-':>8}"
+        lines.append(f"{row['arch']:<4} {row['layer']:<25} {row['M']:>5} {row['N']:>6} {row['K']:>6} | {bf16} | "
+                     + " | ".join(cells) + f" | {pick:<16} | {row['check_vs_torch_path_rel']:7.1e}")
+    if res["generation"]:
+        lines.append("")
+        lines.append(f"One {GENERATION_PN} generation's linear work (every scale, CFG rows), bf16 vs auto:")
+        lines.append(f"{'arch':<4} {'layer':<25} {'layers':>6} | {'bf16 ms':>9} {'auto ms':>9} {'x bf16':>6}")
+        for g in res["generation"]:
+            lines.append(f"{g['arch']:<4} {g['layer']:<25} {g['layers']:>6} | {g['bf16_ms']:9.2f} "
+                         f"{g['auto_ms']:9.2f} {g['speedup_vs_bf16']:6.2f}")
+        for arch, t in res["generation_totals"].items():
+            lines.append(f"{arch:<4} {'all block linears':<25} {'':>6} | {t['bf16_ms']:9.2f} {t['auto_ms']:9.2f} "
+                         f"{t['speedup_vs_bf16']:6.2f}")
+    lines.append("chk: relative difference of the auto layer's output to the PyTorch path of the same quantized "
+                 f"operands (first {CHECK_ROWS} rows); nunchaku: {res['nunchaku']}")
     return "\n".join(lines)
 
 

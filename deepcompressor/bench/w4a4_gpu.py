@@ -102,8 +102,41 @@ def check_shape(n: int, k: int, wfmt: str, wsym: bool, afmt: str, asym: bool, de
         row[tag] = {"codes_equal": codes_equal, "scales_equal": scales_equal, "rel_err_vs_float64": err64,
                     "rel_err_vs_fake_quant": err_fake, "passed": passed}
         ok = ok and passed
+    row["mixed"] = _check_mixed(fake, real, x, tokens)
+    ok = ok and all(r["passed"] for r in row["mixed"].values())
     row["passed"] = ok
     return row
+
+
+def _check_mixed(fake, real, x: torch.Tensor, tokens: int) -> dict:
+    """The mixed-input backends in bfloat16: their activation operand equals ``fake_quantize`` bit for bit, the
+    layer equals the float64 product of ``FakeQuantLinear``'s own bfloat16 operands to bfloat16 rounding, and
+    repeated calls give identical outputs (fixed reduction order)."""
+    from ..kernels.w4a4_mixed import fake_quant_activations_torch, fake_quant_activations_triton
+    from ..nn.w4a4_linear import W4A4Linear
+
+    dtype = torch.bfloat16
+    k = x.shape[1]
+    xd = x.to(dtype)
+    smooth, l2t = real._cast("smooth_scale", dtype), real._cast("lowrank_l2t", dtype)
+    xq_ref, down_ref = fake_quant_activations_torch(xd, real.ispec, smooth=smooth, l2t=l2t)
+    xs = xd / smooth
+    exact = (xq_ref.double() @ fake.main_weight(dtype).double().t()
+             + (xs.double() @ l2t.double()) @ real._cast("lowrank_l1t", dtype).double()
+             + fake.bias.to(dtype).double())
+    out = {}
+    for backend, rows in (("gemv", min(64, tokens)), ("dequant", tokens)):
+        layer = W4A4Linear.from_fake(fake, backend=backend)
+        xq = torch.empty(xd.shape[0], k + l2t.shape[1], dtype=dtype, device=xd.device)
+        fake_quant_activations_triton(xd, real.ispec, xq, smooth=smooth, l2t=l2t)
+        y1, y2 = layer(xd[:rows]), layer(xd[:rows])
+        err = _rel(y1, exact[:rows])
+        xq_equal = bool(torch.equal(xq[:, :k], xq_ref))
+        deterministic = bool(torch.equal(y1, y2))
+        out[backend] = {"rows": rows, "xq_equal": xq_equal, "rel_err_vs_float64": err, "deterministic": deterministic,
+                        "rel_err_vs_fake_quant": _rel(y1, fake(xd[:rows])),
+                        "passed": xq_equal and deterministic and err < BF16_TOL}
+    return out
 
 
 def run_check(out: Path) -> bool:
@@ -134,7 +167,7 @@ def run_check(out: Path) -> bool:
 def _pipeline_argv(arch: str, args, out: Path) -> list[str]:
     """Random-initialised weights, or, with artifacts, the released files the model YAML names (its environment
     variables must be set: the artifacts only load into the model they were calibrated on)."""
-    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--warmup", str(args.warmup),
+    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--compile", "--warmup", str(args.warmup),
             "--repeats", str(args.repeats), "--json", str(out / f"{arch}.json")]
     artifacts, kv_calib = getattr(args, f"artifacts_{arch}"), getattr(args, f"kv_calib_{arch}")
     if artifacts:

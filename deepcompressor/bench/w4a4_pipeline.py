@@ -214,6 +214,8 @@ def _measure(pipe, cfg: RunConfig, args, label: str) -> tuple[dict, object]:
         "transformer_gib": module_bytes(pipe.transformer) / 2**30,
         "kv_cache_gib": result.sample.kv_cache_bytes / 2**30,
         "cuda_graphs": graphs,
+        # Kernel compilation, backend measurement and graph capture happen in the first generation.
+        "first_generation_extra_seconds": warmup_seconds[0] - median["total"] if warmup_seconds else None,
     }
     return stats, result
 

@@ -31,7 +31,7 @@ import torch
 from ..quant.core import num_groups
 from ..quant.formats import QuantSpec
 from ..quant.functional import quantize
-from .triton_utils import HAS_TRITON, round_half_even, tl, triton
+from .triton_utils import SCALE_KINDS, HAS_TRITON, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
 from .w4a4_layout import GROUP, check_group_multiple, unpack_weight
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
-_SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 def use_triton(device: torch.device, backend: str = "auto") -> bool:
@@ -86,7 +85,7 @@ def check_activation_spec(spec: QuantSpec, name: str) -> None:
     if spec.fmt.bits != 4 or spec.group_size != GROUP:
         raise ValueError(f"{name}: the W4A4 kernels take 4-bit activations in groups of {GROUP}, got "
                          f"{spec.fmt.name} with group_size {spec.group_size}")
-    if spec.scale_dtype not in _SCALE_KINDS:
+    if spec.scale_dtype not in SCALE_KINDS:
         raise ValueError(f"{name}: unsupported activation scale dtype {spec.scale_dtype}")
 
 
@@ -188,24 +187,6 @@ def w4a4_matmul_torch(act: QuantizedActivations, w_packed: torch.Tensor, w_scale
 if HAS_TRITON:
 
     @triton.jit
-    def _round_to(v, KIND: tl.constexpr):
-        # float32 -> the nearest value of a 16-bit dtype (KIND 0 float16, 1 bfloat16, 2 float32: unchanged), ties
-        # to even. bfloat16 by bit arithmetic: the interpreter's float32 -> bfloat16 cast truncates.
-        if KIND == 0:
-            v = v.to(tl.float16).to(tl.float32)
-        elif KIND == 1:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-        return v
-
-    @triton.jit
-    def _stored_scale(scale, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
-        # Clamp into the storage dtype's normal range and round to it (quant.core._store_scale).
-        scale = tl.minimum(tl.maximum(scale, TINY), FMAX)
-        return _round_to(scale, SCALE_KIND)
-
-    @triton.jit
     def _act_quant_kernel(
         X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, CODES, SCALES, DOWN,
         M, K, stride_xm, m_bucket, X_KIND: tl.constexpr,
@@ -229,7 +210,7 @@ if HAS_TRITON:
             if HAS_SMOOTH:
                 s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
                 # x / s rounded to x's dtype, as PyTorch computes it
-                x = _round_to(tl.math.div_rn(x, s[None, :]), X_KIND)
+                x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)
             if HAS_LOWRANK:
                 l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
                 xl = x.to(L2T.dtype.element_ty)
@@ -237,27 +218,13 @@ if HAS_TRITON:
                     down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
                 else:
                     down = tl.dot(xl, l2, down)
-            zero = tl.zeros((BLOCK_M,), dtype=tl.float32) + SYM_ZERO
-            if STATIC:
-                scale = tl.load(STATIC_SCALE + g + rows * 0)
-                if HAS_ZERO:
-                    zero = tl.load(STATIC_ZERO + g + rows * 0)
-            elif SYMMETRIC:
-                absmax = tl.max(tl.abs(x), axis=1)
-                scale = _stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
-            else:
-                xmin = tl.minimum(tl.min(x, axis=1), 0.0)
-                xmax = tl.maximum(tl.max(x, axis=1), 0.0)
-                span = tl.zeros_like(xmin) + (QMAX - QMIN)
-                scale = _stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
-                zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
-            q = round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-            q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, None]
+            q, scale = quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX,
+                                      QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
             tl.store(c_rows + k0 + cols[None, :], q.to(tl.int8), mask=row_mask[:, None])
             tl.store(SCALES + g * M + rows, scale, mask=row_mask)
         if HAS_LOWRANK:
             d_ptr = DOWN + rows64[:, None] * RANK + ranks[None, :]
-            tl.store(d_ptr, _round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
+            tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
     def _small_int_to_float(part):
@@ -265,17 +232,6 @@ if HAS_TRITON:
         # instruction, whose throughput is a fraction of the FMA pipe's: 1.5 * 2**23 + part has part in its low
         # mantissa bits.
         return (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-    @triton.jit
-    def _unpack_nibbles(packed, B_SIGNED: tl.constexpr):
-        # int8 bytes -> (low nibbles, high nibbles) as int8, sign-extended for signed codes.
-        if B_SIGNED:
-            lo = ((packed << 4).to(tl.int8) >> 4).to(tl.int8)
-            hi = (packed >> 4).to(tl.int8)
-        else:
-            lo = (packed & 15).to(tl.int8)
-            hi = ((packed >> 4) & 15).to(tl.int8)
-        return lo, hi
 
     @triton.jit
     def _w4a4_gemm_kernel(
@@ -307,7 +263,7 @@ if HAS_TRITON:
             a_lo = tl.load(a_ptr + g * 64, mask=m_mask[:, None], other=0)
             a_hi = tl.load(a_ptr + g * 64 + 32, mask=m_mask[:, None], other=0)
             packed = tl.load(b_ptr + g * 32, mask=n_mask[None, :], other=0)  # int8 view, [32, BLOCK_N]
-            w_lo, w_hi = _unpack_nibbles(packed, B_SIGNED)
+            w_lo, w_hi = unpack_nibbles(packed, B_SIGNED)
             if HAS_ZERO:
                 z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0)
                 w_lo = (w_lo - z[None, :]).to(tl.int8)
@@ -328,7 +284,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         y_ptr = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptr, _round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(y_ptr, round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _w4a4_gemm_swapped_kernel(
@@ -359,7 +315,7 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(K // 64):
             packed = tl.load(b_ptr + g * 32, mask=n_mask[:, None], other=0)  # int8 view, [BLOCK_N, 32]
-            w_lo, w_hi = _unpack_nibbles(packed, B_SIGNED)
+            w_lo, w_hi = unpack_nibbles(packed, B_SIGNED)
             if HAS_ZERO:
                 z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0)
                 w_lo = (w_lo - z[:, None]).to(tl.int8)
@@ -382,7 +338,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         y_ptr = Y + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
-        tl.store(y_ptr, _round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+        tl.store(y_ptr, round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
     def _gemm_configs():
         configs = []
@@ -411,12 +367,6 @@ if HAS_TRITON:
         _w4a4_gemm_swapped_kernel)
     _GEMM_KERNELS = {"ab": (_w4a4_gemm_kernel, _w4a4_gemm_autotuned),
                      "swapped": (_w4a4_gemm_swapped_kernel, _w4a4_gemm_swapped_autotuned)}
-
-
-def _dtype_kind(dtype: torch.dtype) -> int:
-    if dtype not in _SCALE_KINDS:
-        raise ValueError(f"W4A4 kernels: unsupported dtype {dtype} (float16, bfloat16 or float32)")
-    return _SCALE_KINDS[dtype]
 
 
 def _interpreting() -> bool:
@@ -458,13 +408,13 @@ def quantize_activations_triton(x2d: torch.Tensor, spec: QuantSpec, *, smooth: t
     args = (x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
             static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
             codes, scales, down if down is not None else dummy, m, k, x2d.stride(0), _m_bucket(m),
-            _dtype_kind(x2d.dtype))
+            dtype_kind(x2d.dtype))
     flags = {
         "HAS_SMOOTH": smooth is not None, "HAS_LOWRANK": l2t is not None, "RANK": rank,
         "LR_IEEE": x2d.dtype == torch.float32 or _interpreting(), "STATIC": static_scale is not None,
         "SYMMETRIC": spec.symmetric, "HAS_ZERO": spec.has_zero, "QMIN": fmt.qmin, "QMAX": fmt.qmax,
         "QSYM": float(fmt.symmetric_qmax), "SYM_ZERO": float(fmt.symmetric_zero) if spec.symmetric else 0.0,
-        "SCALE_KIND": _SCALE_KINDS[spec.scale_dtype], "TINY": float(info.tiny), "FMAX": float(info.max),
+        "SCALE_KIND": SCALE_KINDS[spec.scale_dtype], "TINY": float(info.tiny), "FMAX": float(info.max),
     }
     if block_m is None and _interpreting():
         block_m = 16
@@ -512,7 +462,7 @@ def w4a4_matmul_triton(act: QuantizedActivations, w_packed: torch.Tensor, w_scal
     dummy = y
     args = (codes, scales, w_packed.view(torch.int8), w_scale, w_zero if w_zero is not None else dummy,
             act.down if l1t is not None else dummy, l1t if l1t is not None else dummy,
-            bias if bias is not None else dummy, y, m, n, k, y.stride(0), _m_bucket(m), _dtype_kind(out_dtype))
+            bias if bias is not None else dummy, y, m, n, k, y.stride(0), _m_bucket(m), dtype_kind(out_dtype))
     flags = {"B_SIGNED": w_signed, "HAS_ZERO": w_zero is not None, "HAS_LOWRANK": l1t is not None, "RANK": rank,
              "LR_IEEE": _interpreting() or (act.down is not None and act.down.dtype == torch.float32),
              "HAS_BIAS": bias is not None}

@@ -24,16 +24,8 @@ import torch
 from torch import nn
 
 from ..calib.search import quantized_linear_output
-from ..kernels.w4a4 import (
-    BACKENDS,
-    check_activation_spec,
-    check_weight_spec,
-    dequantized_weight,
-    padded_rank,
-    quantize_activations,
-    use_triton,
-    w4a4_matmul,
-)
+from ..kernels.w4a4 import check_activation_spec, check_weight_spec, dequantized_weight, padded_rank
+from ..kernels.w4a4_dispatch import BACKENDS, LinearOperands, linear_forward, resolve_backend, weight_only_forward
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
 from ..quant.formats import resolve_spec
 from ..quant.functional import quantize
@@ -58,7 +50,8 @@ class W4A4Linear(nn.Module):
         lowrank_l1, lowrank_l2: ``[out, r]``, ``[r, in]`` or None; stored transposed and zero-padded to the
             kernels' width (a power of two >= 16).
         input_scale, input_zero: Static input-quantization parameters ``[1, in / 64]`` when ``ipts.static``.
-        backend: ``auto`` (Triton on CUDA), ``triton`` or ``torch``.
+        backend: ``auto`` (measured per GPU and shape), ``int`` (alias ``triton``: exact integer kernels), ``gemv``,
+            ``dequant`` or ``torch``; see ``deepcompressor.kernels.w4a4_dispatch``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, qweight: QuantTensor, wgts, ipts=None,
@@ -70,7 +63,7 @@ class W4A4Linear(nn.Module):
         self.in_features, self.out_features, self.name = in_features, out_features, name
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         check_group_multiple(in_features, name)
         self.wspec = resolve_spec(wgts)
         check_weight_spec(self.wspec, name)
@@ -202,20 +195,21 @@ class W4A4Linear(nn.Module):
         smooth = self._cast("smooth_scale", dtype)
         l1t, l2t = self._cast("lowrank_l1t", dtype), self._cast("lowrank_l2t", dtype)
         bias = self._cast("bias", dtype)
+        ops = LinearOperands(
+            spec=self.ispec, w_packed=self.weight_packed, w_scale=self.weight_scale, w_zero=self.weight_zero,
+            w_signed=self.wspec.fmt.signed, smooth=smooth, l1t=l1t, l2t=l2t, bias=bias,
+            static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
         if self.ispec is None:
-            # 16-bit inputs: dequantize the packed weight for this call only.
+            # 16-bit inputs: the packed weight dequantized for this call only.
             xs = x2d / smooth if smooth is not None else x2d
-            w = self.qweight.dequantize(dtype)
-            l1, l2 = (None, None) if l1t is None else (l1t.t(), l2t.t())
-            y = quantized_linear_output(xs, w, xs, l1, l2, bias)
+            if x.device.type == "cuda" and dtype != torch.float32 and self.backend != "torch":
+                y = weight_only_forward(xs, ops)
+            else:
+                w = self.qweight.dequantize(dtype)
+                l1, l2 = (None, None) if l1t is None else (l1t.t(), l2t.t())
+                y = quantized_linear_output(xs, w, xs, l1, l2, bias)
         else:
-            act = quantize_activations(x2d, self.ispec, backend=self.backend, smooth=smooth, l2t=l2t,
-                                       static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
-            extra = {}
-            if x.device.type == "cpu" and not use_triton(x.device, self.backend):
-                extra["weight"] = self._cpu_weight()
-            y = w4a4_matmul(act, self.weight_packed, self.weight_scale, self.weight_zero, self.wspec.fmt.signed,
-                            backend=self.backend, l1t=l1t, bias=bias, out_dtype=dtype, **extra)
+            y = linear_forward(x2d, ops, self.backend, cpu_weight=self._cpu_weight)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -72,6 +72,12 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: contains NaN or Inf values; cannot quantize")
 
 
+def _divide(x: torch.Tensor, constant: float) -> torch.Tensor:
+    """``x / constant`` correctly rounded on every device: PyTorch's CUDA kernels turn a division by a Python scalar
+    into a multiplication by its reciprocal (one ulp off in some groups), a tensor divisor keeps true division."""
+    return x / torch.full_like(x, float(constant))
+
+
 def _store_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     info = torch.finfo(spec.scale_dtype)
     return scale.clamp(min=info.tiny, max=info.max).to(spec.scale_dtype)
@@ -92,7 +98,7 @@ def compute_qparams(
         absmax = xg.abs().amax(dim=-1)
         if clip_ratio is not None:
             absmax = absmax * clip_ratio
-        scale = _store_scale(absmax / fmt.symmetric_qmax, spec)
+        scale = _store_scale(_divide(absmax, fmt.symmetric_qmax), spec)
         if fmt.signed:
             return scale, None
         return scale, torch.full(scale.shape, float(fmt.symmetric_zero), dtype=xg.dtype, device=xg.device)
@@ -101,7 +107,7 @@ def compute_qparams(
     if clip_ratio is not None:
         xmin = xmin * clip_ratio
         xmax = xmax * clip_ratio
-    scale = _store_scale((xmax - xmin) / (fmt.qmax - fmt.qmin), spec)
+    scale = _store_scale(_divide(xmax - xmin, fmt.qmax - fmt.qmin), spec)
     zero = torch.round(fmt.qmin - xmin / scale.to(xg.dtype)).clamp(fmt.qmin, fmt.qmax)
     return scale, zero
 

@@ -1,0 +1,358 @@
+"""The W4A4 linear forward and the choice of its backend.
+
+Backends (``W4A4Linear(backend=...)``):
+
+- ``int`` (alias ``triton``): ``kernels.w4a4``, exact int32 products per group of 64: the bit-exact model of INT4
+  tensor-core hardware (Jetson Orin, Ampere, Ada). Any dtype.
+- ``gemv``: ``kernels.w4a4_mixed`` for few tokens (at most 128 rows): activations fake-quantized by one kernel, then
+  one split-K kernel that dequantizes the weights in registers. 16-bit activations on CUDA.
+- ``dequant``: activations fake-quantized into ``[xq | down]``, the layer's weights dequantized into a reusable
+  workspace ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
+- ``torch``: the PyTorch path of ``kernels.w4a4`` (CPU).
+- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``dequant`` for this GPU, shape and dtype,
+  measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
+  ``~/.cache/var-compressor``); float32 activations take ``int``; CPU tensors ``torch``. While a CUDA graph is being
+  captured nothing is timed: an unmeasured shape takes the rule ``gemv`` up to 64 rows, else ``dequant``.
+  ``VAR_COMPRESSOR_W4A4_TUNE=0`` always takes that rule.
+
+``gemv`` and ``dequant`` compute ``FakeQuantLinear``'s operands exactly and differ from it by summation order; ``int``
+differs from it by float32 rounding. Nunchaku's INT4 kernels need INT4 tensor cores (sm_80 to sm_89, sm_120), which
+Hopper lacks; ``nunchaku_status()`` reports whether an installed ``nunchaku`` exposes them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..quant.formats import QuantSpec
+from .triton_utils import HAS_TRITON
+from .w4a4 import quantize_activations, w4a4_matmul
+from .w4a4_layout import GROUP
+from .w4a4_mixed import (
+    GEMV_MAX_ROWS,
+    GemvConfig,
+    default_gemv_config,
+    dequantize_weight_triton,
+    fake_quant_activations_triton,
+    gemv_workspace,
+    w4a4_gemv_triton,
+)
+
+__all__ = [
+    "BACKENDS",
+    "LinearOperands",
+    "choose_backend",
+    "dispatch_cache_path",
+    "linear_forward",
+    "nunchaku_status",
+    "resident_workspace_bytes",
+    "resolve_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "int", "triton", "gemv", "dequant", "torch")
+_ALIASES = {"triton": "int"}
+MIXED = ("gemv", "dequant")
+RULE_GEMV_ROWS = 64
+
+
+class LinearOperands:
+    """What one W4A4 layer multiplies with, in the activations' dtype (built by ``W4A4Linear`` per call)."""
+
+    __slots__ = ("bias", "l1t", "l2t", "name", "smooth", "spec", "static_scale", "static_zero", "w_packed",
+                 "w_scale", "w_signed", "w_zero")
+
+    def __init__(self, *, spec, w_packed, w_scale, w_zero, w_signed, smooth=None, l1t=None, l2t=None, bias=None,
+                 static_scale=None, static_zero=None, name="w4a4"):
+        self.spec, self.w_packed, self.w_scale, self.w_zero, self.w_signed = spec, w_packed, w_scale, w_zero, w_signed
+        self.smooth, self.l1t, self.l2t, self.bias = smooth, l1t, l2t, bias
+        self.static_scale, self.static_zero, self.name = static_scale, static_zero, name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w_packed.shape[0], 2 * self.w_packed.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------ workspaces
+
+
+class _WeightWorkspace:
+    """One 16-bit buffer per (device, dtype) that the ``dequant`` backend dequantizes each layer into. It only
+    grows; an outgrown buffer stays alive because captured CUDA graphs may still write it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+        self._retired: list = []
+
+    def get(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        key = (device.type, device.index, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            if buf is not None:
+                self._retired.append(buf)
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.buffers.values(), *self._retired))
+
+
+weight_workspace = _WeightWorkspace()
+
+
+def resident_workspace_bytes() -> int:
+    """Bytes held between calls by the mixed backends' shared workspaces (all devices)."""
+    return weight_workspace.nbytes() + gemv_workspace.nbytes()
+
+
+# ------------------------------------------------------------------------------------------------ backends
+
+
+def _check_mixed(x2d: torch.Tensor, name: str, backend: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name}: the {backend} W4A4 backend needs triton")
+    if x2d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{name}: the {backend} W4A4 backend needs CUDA tensors or TRITON_INTERPRET=1")
+    if x2d.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name}: the {backend} W4A4 backend takes 16-bit activations, got {x2d.dtype}")
+
+
+def _padded_rank(ops: LinearOperands) -> int:
+    return 0 if ops.l1t is None else ops.l1t.shape[0]
+
+
+def forward_dequant(x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    """``[xq | down] @ [W | L1]^T + bias`` with one cuBLAS GEMM (weights dequantized into the shared workspace)."""
+    _check_mixed(x2d, ops.name, "dequant")
+    m, k = x2d.shape
+    n = ops.w_packed.shape[0]
+    rank = _padded_rank(ops)
+    a = torch.empty(m, k + rank, dtype=x2d.dtype, device=x2d.device)
+    groups = k // GROUP
+    # Few row blocks of 32: split K too, so the activation kernel fills the GPU (the branch's partial sums are then
+    # added up here).
+    chunks = max(1, min(groups, -(-4 * _sm_count(x2d.device) // -(-m // 32))))
+    partial = fake_quant_activations_triton(
+        x2d, ops.spec, a, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
+        static_zero=ops.static_zero, groups_per_chunk=None if chunks == 1 else -(-groups // chunks))
+    if partial is not None:
+        a[:, k:] = partial.sum(0).to(x2d.dtype)
+    ws = weight_workspace.get(x2d.device, x2d.dtype, n * (k + rank)).view(-1)[: n * (k + rank)].view(n, k + rank)
+    dequantize_weight_triton(ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, ws, l1t=ops.l1t)
+    return torch.nn.functional.linear(a, ws, ops.bias)
+
+
+def forward_gemv(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | None = None) -> torch.Tensor:
+    """Few rows: the activation kernel (split along K like the GEMV) and the split-K GEMV."""
+    _check_mixed(x2d, ops.name, "gemv")
+    m, k = x2d.shape
+    n = ops.w_packed.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"{ops.name}: the gemv W4A4 backend takes at most {GEMV_MAX_ROWS} rows, got {m}")
+    if config is None:
+        config = default_gemv_config(m, n, k, _sm_count(x2d.device))
+    groups = k // GROUP
+    gps = -(-groups // max(1, min(config.splits, groups)))
+    xq = torch.empty(m, k, dtype=x2d.dtype, device=x2d.device)
+    partial = fake_quant_activations_triton(
+        x2d, ops.spec, xq, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
+        static_zero=ops.static_zero, groups_per_chunk=gps)
+    return w4a4_gemv_triton(xq, partial, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, l1t=ops.l1t,
+                            bias=ops.bias, config=config, groups_per_split=gps)
+
+
+def forward_exact(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_weight=None) -> torch.Tensor:
+    """The integer (``int``) or PyTorch (``torch``) path of ``kernels.w4a4``."""
+    kernel_backend = "triton" if backend == "int" else "torch"
+    act = quantize_activations(x2d, ops.spec, backend=kernel_backend, smooth=ops.smooth, l2t=ops.l2t,
+                               static_scale=ops.static_scale, static_zero=ops.static_zero, name=ops.name)
+    # The PyTorch path keeps its dequantized weight on CPU only (tests, the tiny model); never a GPU copy.
+    keep = cpu_weight is not None and kernel_backend == "torch" and x2d.device.type == "cpu"
+    extra = {"weight": cpu_weight()} if keep else {}
+    return w4a4_matmul(act, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, backend=kernel_backend,
+                       l1t=ops.l1t, bias=ops.bias, out_dtype=x2d.dtype, **extra)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+# ------------------------------------------------------------------------------------------------ choice
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"W4A4 backend must be one of {BACKENDS}, got {backend!r}")
+    return _ALIASES.get(backend, backend)
+
+
+def dispatch_cache_path() -> Path:
+    root = os.environ.get("VAR_COMPRESSOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "var-compressor")
+    return Path(root) / "w4a4_dispatch.json"
+
+
+class _Choices:
+    """Measured choices: in memory, and on disk across processes."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict] | None = None
+
+    def _load(self) -> dict:
+        if self.table is None:
+            self.table = {}
+            path = dispatch_cache_path()
+            try:
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and isinstance(data.get("choices"), dict):
+                    self.table = data["choices"]
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as error:
+                logger.warning("ignoring unreadable W4A4 dispatch cache %s: %s", path, error)
+        return self.table
+
+    def get(self, key: str) -> dict | None:
+        return self._load().get(key)
+
+    def put(self, key: str, choice: dict) -> None:
+        from ..utils.files import write_json
+
+        table = self._load()
+        table[key] = choice
+        try:
+            write_json(dispatch_cache_path(), {"format": "var-compressor.w4a4_dispatch/1", "choices": table})
+        except OSError as error:  # a read-only home must not stop inference
+            logger.warning("could not write the W4A4 dispatch cache %s: %s", dispatch_cache_path(), error)
+
+    def clear_memory(self) -> None:
+        self.table = None
+
+
+choices = _Choices()
+
+
+def _bucket(m: int) -> int:
+    bucket = 1
+    while bucket < m:
+        bucket *= 2
+    return bucket
+
+
+def _key(x2d: torch.Tensor, ops: LinearOperands) -> str:
+    n, k = ops.shape
+    name = torch.cuda.get_device_name(x2d.device) if x2d.device.type == "cuda" else "cpu"
+    spec: QuantSpec = ops.spec
+    flags = (f"r{_padded_rank(ops)}-z{int(ops.w_zero is not None)}-s{int(ops.smooth is not None)}"
+             f"-st{int(ops.static_scale is not None)}-{spec.fmt.name}{'' if spec.symmetric else 'a'}")
+    return f"{name}|M{_bucket(x2d.shape[0])}|N{n}|K{k}|{str(x2d.dtype).removeprefix('torch.')}|{flags}"
+
+
+def _rule(m: int) -> dict:
+    return {"backend": "gemv" if m <= RULE_GEMV_ROWS else "dequant", "source": "rule"}
+
+
+def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
+    out = []
+    if m <= GEMV_MAX_ROWS:
+        seen = set()
+        for block_n in (None, 64, 128, 256):
+            cfg = default_gemv_config(m, n, k, _sm_count(device), block_n=block_n)
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append({"backend": "gemv", "config": cfg.as_dict()})
+    out.append({"backend": "dequant"})
+    return out
+
+
+def _run_choice(choice: dict, x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    if choice["backend"] == "gemv":
+        cfg = choice.get("config")
+        return forward_gemv(x2d, ops, None if cfg is None else GemvConfig(**cfg))
+    return forward_dequant(x2d, ops)
+
+
+def choose_backend(x2d: torch.Tensor, ops: LinearOperands) -> dict:
+    """The mixed backend (and launch configuration) for this GPU, shape and dtype: cached, else measured."""
+    key = _key(x2d, ops)
+    choice = choices.get(key)
+    if choice is not None:
+        return choice
+    m = x2d.shape[0]
+    capturing = x2d.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if os.environ.get("VAR_COMPRESSOR_W4A4_TUNE", "1") == "0" or capturing:
+        return _rule(m)
+    from triton.testing import do_bench
+
+    timings = []
+    for candidate in _candidates(m, *ops.shape, x2d.device):
+        try:
+            _run_choice(candidate, x2d, ops)
+            ms = do_bench(lambda c=candidate: _run_choice(c, x2d, ops), warmup=3, rep=10, return_mode="median")
+        except Exception as error:  # noqa: BLE001 - a configuration the compiler rejects must not stop the others
+            logger.warning("W4A4 %s: candidate %s failed: %s", key, candidate, error)
+            continue
+        timings.append((ms, candidate))
+    if not timings:
+        return _rule(m)
+    ms, best = min(timings, key=lambda t: t[0])
+    choice = {**best, "ms": ms, "source": "measured",
+              "timings": [{"ms": t, **c} for t, c in timings]}
+    choices.put(key, choice)
+    logger.info("W4A4 %s: %s (%.1f us)", key, best, ms * 1e3)
+    return choice
+
+
+def linear_forward(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_weight=None) -> torch.Tensor:
+    """``y [M, N]`` in x's dtype (see the module docstring for ``backend``)."""
+    backend = resolve_backend(backend)
+    if backend == "auto":
+        if x2d.device.type != "cuda" or not HAS_TRITON:
+            backend = "torch"
+        elif x2d.dtype == torch.float32:
+            backend = "int"
+        else:
+            return _run_choice(choose_backend(x2d, ops), x2d, ops)
+    if backend == "gemv":
+        return forward_gemv(x2d, ops)
+    if backend == "dequant":
+        return forward_dequant(x2d, ops)
+    return forward_exact(x2d, ops, backend, cpu_weight)
+
+
+def weight_only_forward(xs: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    """16-bit inputs (``quant.ipts.skips``) on CUDA: the weight dequantized into the workspace, one cuBLAS GEMM."""
+    n, k = ops.shape
+    ws = weight_workspace.get(xs.device, xs.dtype, n * k).view(-1)[: n * k].view(n, k)
+    dequantize_weight_triton(ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, ws)
+    y = torch.nn.functional.linear(xs, ws, ops.bias)
+    if ops.l1t is not None:
+        y = y + (xs @ ops.l2t) @ ops.l1t
+    return y
+
+
+def nunchaku_status() -> str:
+    """Whether Nunchaku's SVDQuant kernels could serve as a backend here (a sentence)."""
+    if importlib.util.find_spec("nunchaku") is None:
+        return "nunchaku is not installed"
+    try:
+        ops = importlib.import_module("nunchaku.ops.gemm")
+    except Exception as error:  # noqa: BLE001 - an unrelated package of that name, or a broken install
+        return f"an installed 'nunchaku' has no SVDQuant kernels ({type(error).__name__}: {error})"
+    if not hasattr(ops, "svdq_gemm_w4a4_cuda"):
+        return "the installed nunchaku exposes no svdq_gemm_w4a4_cuda"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) == (9, 0) or major == 10:
+            return f"nunchaku's INT4 kernels do not run on sm_{major}{minor} (no INT4 tensor cores)"
+    return "nunchaku exposes SVDQuant kernels, but its packed layout is not wired to W4A4Linear"
+

@@ -1,0 +1,408 @@
+"""Mixed-input W4A4 kernels: the 4-bit operands are dequantized to the activations' 16-bit dtype and multiplied on
+16-bit tensor cores.
+
+Hopper has no INT4 tensor cores, and rescaling the int32 partial sums of every group of 64 inputs costs its CUDA
+cores about twice the MMA time (``kernels.w4a4``, the exact integer model of INT4 hardware). Here every operand is
+the value ``FakeQuantLinear`` multiplies in the same dtype:
+
+    xq   = round16((q_a - z_a) * s_a)      per token and group of 64, from xs = round16(x / s)
+    w    = round16((q_w - z_w) * s_w)      per output and group of 64
+    down = xs @ L2^T                       float32 accumulation
+
+so the result equals ``FakeQuantLinear`` up to summation order and the rounding of intermediate sums
+(``FakeQuantLinear`` rounds the main product, the branch and their sum separately; these kernels round once).
+
+- ``fake_quant_activations``: ``x [M, K]`` -> ``xq`` written into the first K columns of an operand ``[M, K + R]``
+  and the branch down projection, either rounded into its last R columns (``chunks == 1``) or, with K split into
+  ``chunks`` ranges of whole groups (few tokens: many programs), as float32 partial sums ``[chunks, M, R]``.
+- ``dequantize_weight``: packed ``[N, K / 2]`` -> ``[N, K + R]`` 16-bit, ``L1`` in the last R columns, into a
+  reusable workspace. With the first, one cuBLAS GEMM computes the main product and the branch (large M, where
+  the dequantization costs a few percent of the GEMM).
+- ``w4a4_gemv``: few tokens, where the layer is bound by reading its weights (4.25 bits instead of 16): programs
+  over (tile of outputs, range of K), weights dequantized in registers, the branch's up projection applied to each
+  range's partial down projection; the last program of an output tile sums the partial tiles in a fixed order
+  (deterministic), adds the bias and rounds once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..quant.formats import QuantSpec
+from ..quant.functional import fake_quantize
+from .triton_utils import HAS_TRITON, SCALE_KINDS, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
+from .w4a4_layout import GROUP, unpack_weight
+
+__all__ = [
+    "GemvConfig",
+    "default_gemv_config",
+    "dequantize_weight_torch",
+    "dequantize_weight_triton",
+    "fake_quant_activations_torch",
+    "fake_quant_activations_triton",
+    "gemv_workspace",
+    "w4a4_gemv_triton",
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch references
+
+
+def fake_quant_activations_torch(x2d: torch.Tensor, spec: QuantSpec, *, smooth: torch.Tensor | None = None,
+                                 l2t: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
+                                 static_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(xq, down)`` with ``deepcompressor.quant``: ``xq`` in x's dtype, ``down = xs @ L2^T`` in float32."""
+    xs = x2d / smooth.to(x2d.dtype) if smooth is not None else x2d
+    scale = None if static_scale is None else static_scale.reshape(1, -1)
+    zero = None if static_zero is None else static_zero.reshape(1, -1)
+    xq = fake_quantize(xs, spec, scale=scale, zero=zero, check=False)
+    down = None if l2t is None else xs.float() @ l2t.float()
+    return xq, down
+
+
+def dequantize_weight_torch(packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, signed: bool,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """Kernel-layout weight -> ``[N, K]`` in ``dtype``: ``(q - z) * s`` in float32, rounded once."""
+    codes = unpack_weight(packed, signed).float()
+    n, k = codes.shape
+    codes = codes.reshape(n, k // GROUP, GROUP)
+    if w_zero is not None:
+        codes = codes - w_zero.t().float().unsqueeze(-1)
+    return (codes * w_scale.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fake_quant_act_kernel(
+        X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, XQ, DOWN,
+        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC,
+        X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
+        LR_IEEE: tl.constexpr, DOWN_ROUND: tl.constexpr,
+        STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
+        SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        chunk = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, 64)
+        x_rows = X + rows64[:, None] * stride_xm
+        q_rows = XQ + rows64[:, None] * stride_qm
+        ranks = tl.arange(0, RANK)
+        down = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        g0 = chunk * GPC
+        g1 = tl.minimum(g0 + GPC, K // 64)
+        for g in range(g0, g1):
+            k0 = g * 64
+            x = tl.load(x_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
+                x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch does
+            if HAS_LOWRANK:
+                l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
+                xl = x.to(L2T.dtype.element_ty)
+                if LR_IEEE:
+                    down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
+                else:
+                    down = tl.dot(xl, l2, down)
+            q, scale = quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX,
+                                      QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
+            xq = round_to(q * scale[:, None], X_KIND)  # exact in float32, rounded once: fake_quantize's value
+            tl.store(q_rows + k0 + cols[None, :], xq.to(XQ.dtype.element_ty), mask=row_mask[:, None])
+        if HAS_LOWRANK:
+            d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
+            if DOWN_ROUND:
+                tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
+            else:
+                tl.store(d_ptr, down, mask=row_mask[:, None])
+
+    @triton.jit
+    def _dequant_weight_kernel(
+        B, B_SCALES, B_ZERO, L1T, OUT, N, K, stride_on, GPP,
+        OUT_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        rn64 = rn.to(tl.int64)
+        half = tl.arange(0, 32)
+        b_rows = B + rn64[:, None] * (K // 2) + half[None, :]
+        o_rows = OUT + rn64[:, None] * stride_on + half[None, :]
+        g0 = pid_g * GPP
+        g1 = tl.minimum(g0 + GPP, K // 64)
+        for g in range(g0, g1):
+            packed = tl.load(b_rows + g * 32, mask=n_mask[:, None], other=0)
+            lo, hi = unpack_nibbles(packed, B_SIGNED)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+                lo = lo - z[:, None]
+                hi = hi - z[:, None]
+            s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(o_rows + g * 64, round_to(lo * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
+                     mask=n_mask[:, None])
+            tl.store(o_rows + g * 64 + 32, round_to(hi * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
+                     mask=n_mask[:, None])
+        if HAS_LOWRANK:
+            if pid_g == 0:
+                ranks = tl.arange(0, RANK)
+                l1 = tl.load(L1T + ranks[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0.0)
+                tl.store(OUT + rn64[:, None] * stride_on + K + ranks[None, :], l1.to(OUT.dtype.element_ty),
+                         mask=n_mask[:, None])
+
+    @triton.jit
+    def _gemv_kernel(
+        XQ, DOWNP, B, B_SCALES, B_ZERO, L1T, BIAS, Y, PART, COUNT,
+        M, N, K, stride_xm, stride_dc, stride_ym, GPS, SPLITS,
+        Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+        RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rm64 = rm.to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        half = tl.arange(0, 32)
+        a_rows = XQ + rm64[:, None] * stride_xm + half[None, :]
+        b_cols = B + rn.to(tl.int64)[None, :] * (K // 2) + half[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g0 = split * GPS
+        g1 = tl.minimum(g0 + GPS, K // 64)
+        for g in range(g0, g1):
+            a_lo = tl.load(a_rows + g * 64, mask=m_mask[:, None], other=0.0)
+            a_hi = tl.load(a_rows + g * 64 + 32, mask=m_mask[:, None], other=0.0)
+            packed = tl.load(b_cols + g * 32, mask=n_mask[None, :], other=0)  # [32, BLOCK_N]
+            lo, hi = unpack_nibbles(packed, B_SIGNED)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+                lo = lo - z[None, :]
+                hi = hi - z[None, :]
+            s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+            w_lo = round_to(lo * s[None, :], Y_KIND).to(XQ.dtype.element_ty)
+            w_hi = round_to(hi * s[None, :], Y_KIND).to(XQ.dtype.element_ty)
+            if IEEE:
+                acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a_lo, w_lo, acc)
+                acc = tl.dot(a_hi, w_hi, acc)
+        if HAS_LOWRANK:
+            # The up projection is linear: each range adds (its partial down projection) @ L1^T.
+            ranks = tl.arange(0, RANK)
+            d = tl.load(DOWNP + split * stride_dc + rm64[:, None] * RANK + ranks[None, :], mask=m_mask[:, None],
+                        other=0.0)
+            l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(d, l1, acc, input_precision="ieee")
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        y_ptr = Y + rm64[:, None] * stride_ym + rn[None, :]
+        if SPLIT:
+            tile = rm64[:, None] * N + rn[None, :]
+            tl.store(PART + split * M * N + tile, acc, mask=out_mask)
+            tl.debug_barrier()
+            # acq_rel at GPU scope: the partial tiles stored before it are visible to the program that counts last.
+            arrived = tl.atomic_add(COUNT + pid_n, 1)
+            if arrived == SPLITS - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for t in range(0, SPLITS):
+                    total += tl.load(PART + t * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr, round_to(total, Y_KIND).to(Y.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(COUNT + pid_n, 0)  # ready for the next call
+        else:
+            if HAS_BIAS:
+                acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr, round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=out_mask)
+
+
+def _quant_flags(spec: QuantSpec, static: bool) -> dict:
+    fmt = spec.fmt
+    info = torch.finfo(spec.scale_dtype)
+    return {"STATIC": static, "SYMMETRIC": spec.symmetric, "HAS_ZERO": spec.has_zero, "QMIN": fmt.qmin,
+            "QMAX": fmt.qmax, "QSYM": float(fmt.symmetric_qmax),
+            "SYM_ZERO": float(fmt.symmetric_zero) if spec.symmetric else 0.0,
+            "SCALE_KIND": SCALE_KINDS[spec.scale_dtype], "TINY": float(info.tiny), "FMAX": float(info.max)}
+
+
+def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch.Tensor, *,
+                                  smooth: torch.Tensor | None = None, l2t: torch.Tensor | None = None,
+                                  static_scale: torch.Tensor | None = None, static_zero: torch.Tensor | None = None,
+                                  groups_per_chunk: int | None = None, block_m: int | None = None
+                                  ) -> torch.Tensor | None:
+    """Write ``xq`` into ``out[:, :K]``; returns the down projection's float32 partial sums ``[chunks, M, R]``
+    (``groups_per_chunk`` groups of 64 inputs per chunk), or None when it went, rounded, into ``out[:, K:]``
+    (one chunk: ``groups_per_chunk`` None) or there is no branch. Inputs are checked by the caller."""
+    m, k = x2d.shape
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    groups = k // GROUP
+    rank = l2t.shape[1] if l2t is not None else 16
+    gpc = groups if groups_per_chunk is None else max(1, min(int(groups_per_chunk), groups))
+    chunks = triton.cdiv(groups, gpc)
+    partial = None
+    if l2t is None:
+        down = out
+    elif chunks == 1 and groups_per_chunk is None:
+        if out.shape[1] != k + rank:
+            raise ValueError(f"fake_quant_activations: operand of width {out.shape[1]}, expected {k} + {rank}")
+        down = out[:, k:]
+    else:
+        down = partial = torch.empty(chunks, m, rank, dtype=torch.float32, device=x2d.device)
+    if block_m is None:
+        block_m = 16 if _interpreting() or m <= 16 else 32
+    dummy = out
+    grid = (triton.cdiv(m, block_m), chunks)
+    _fake_quant_act_kernel[grid](
+        x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
+        static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
+        out, down, m, k, x2d.stride(0), out.stride(0), m * rank, down.stride(0) if partial is None else rank, gpc,
+        X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+        LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), DOWN_ROUND=partial is None,
+        **_quant_flags(spec, static_scale is not None), BLOCK_M=block_m, num_warps=4,
+    )
+    return partial
+
+
+def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, signed: bool,
+                             out: torch.Tensor, l1t: torch.Tensor | None = None, block_n: int = 64,
+                             groups_per_program: int | None = None) -> torch.Tensor:
+    """Dequantize into ``out[:, :K]`` (rows of stride ``out.stride(0)``) and copy ``L1`` (``l1t [R, N]``) into
+    ``out[:, K:K + R]``; returns ``out``."""
+    n, half_k = packed.shape
+    k = 2 * half_k
+    groups = k // GROUP
+    rank = l1t.shape[0] if l1t is not None else 16
+    if out.shape[0] < n or out.shape[1] < k + (rank if l1t is not None else 0) or out.stride(1) != 1:
+        raise ValueError(f"dequantize_weight: output {tuple(out.shape)} too small for [{n}, {k}] + rank")
+    if groups_per_program is None:
+        # Enough programs to fill the GPU several times over.
+        tiles = triton.cdiv(n, block_n)
+        groups_per_program = max(1, triton.cdiv(groups * tiles, 1024))
+    gpp = min(groups_per_program, groups)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(groups, gpp))
+    _dequant_weight_kernel[grid](
+        packed.view(torch.int8), w_scale, w_zero if w_zero is not None else out, l1t if l1t is not None else out,
+        out, n, k, out.stride(0), gpp, OUT_KIND=dtype_kind(out.dtype), B_SIGNED=signed, HAS_ZERO=w_zero is not None,
+        HAS_LOWRANK=l1t is not None, RANK=rank, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch of ``w4a4_gemv``: ``block_n`` outputs per program, K split into about ``splits`` ranges."""
+
+    block_n: int
+    splits: int
+    num_warps: int = 4
+
+    def as_dict(self) -> dict:
+        return {"block_n": self.block_n, "splits": self.splits, "num_warps": self.num_warps}
+
+
+def _block_m(m: int) -> int:
+    block = 16
+    while block < m:
+        block *= 2
+    return block
+
+
+GEMV_MAX_ROWS = 128
+
+
+def default_gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None = None) -> GemvConfig:
+    """Tiles wide enough that re-reading the activations from L2 stays below the weights' bytes (``2 M / BN``) and
+    enough (tile, range) programs for about three per multiprocessor."""
+    if block_n is None:
+        block_n = 64 if m <= 16 else (128 if m <= 32 else 256)
+    block_n = max(16, min(block_n, 1 << max(4, (n - 1).bit_length())))
+    tiles = triton.cdiv(n, block_n) if HAS_TRITON else -(-n // block_n)
+    groups = k // GROUP
+    splits = max(1, min(groups, round(3 * sm_count / tiles)))
+    warps = 8 if _block_m(m) * block_n >= 64 * 256 else 4
+    return GemvConfig(block_n, splits, warps)
+
+
+class _GemvWorkspace:
+    """Per-device float32 partial tiles and arrival counters of ``w4a4_gemv``. Counters are reset by the kernel
+    itself; buffers only grow, and an outgrown one is kept alive because captured CUDA graphs may still use it."""
+
+    def __init__(self) -> None:
+        self.partials: dict = {}
+        self.counters: dict = {}
+        self._retired: list = []
+
+    def get(self, device: torch.device, partial_numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device.type, device.index)
+        part = self.partials.get(key)
+        if part is None or part.numel() < partial_numel:
+            if part is not None:
+                self._retired.append(part)
+            part = self.partials[key] = torch.empty(max(partial_numel, 1 << 16), dtype=torch.float32, device=device)
+        count = self.counters.get(key)
+        if count is None or count.numel() < tiles:
+            if count is not None:
+                self._retired.append(count)
+            count = self.counters[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        return part, count
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.partials.values(), *self.counters.values()))
+
+
+gemv_workspace = _GemvWorkspace()
+
+
+def w4a4_gemv_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, w_packed: torch.Tensor,
+                     w_scale: torch.Tensor, w_zero: torch.Tensor | None, w_signed: bool, *,
+                     l1t: torch.Tensor | None = None, bias: torch.Tensor | None = None, config: GemvConfig,
+                     groups_per_split: int) -> torch.Tensor:
+    """``y [M, N]`` in xq's dtype from fake-quantized activations ``xq [M, K]`` (M <= 128) and, with a branch, the
+    down projection's partial sums ``[splits, M, R]`` over the same K ranges (``groups_per_split`` groups each)."""
+    m, k = xq.shape
+    n = w_packed.shape[0]
+    if m > GEMV_MAX_ROWS:
+        raise ValueError(f"w4a4_gemv: at most {GEMV_MAX_ROWS} rows, got {m}")
+    groups = k // GROUP
+    splits = triton.cdiv(groups, groups_per_split)
+    tiles = triton.cdiv(n, config.block_n)
+    y = torch.empty(m, n, dtype=xq.dtype, device=xq.device)
+    if splits > 1:
+        part, count = gemv_workspace.get(xq.device, splits * m * n, tiles)
+    else:
+        part = count = y
+    rank = l1t.shape[0] if l1t is not None else 16
+    if l1t is not None and (down_partial is None or tuple(down_partial.shape) != (splits, m, rank)):
+        raise ValueError(f"w4a4_gemv: partial down projections {None if down_partial is None else tuple(down_partial.shape)}"
+                         f", expected ({splits}, {m}, {rank})")
+    dummy = y
+    _gemv_kernel[(tiles, splits)](
+        xq, down_partial if down_partial is not None else dummy, w_packed.view(torch.int8), w_scale,
+        w_zero if w_zero is not None else dummy, l1t if l1t is not None else dummy,
+        bias if bias is not None else dummy, y, part, count, m, n, k, xq.stride(0), m * rank, y.stride(0),
+        groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
+        HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=_block_m(m), BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+    )
+    return y
