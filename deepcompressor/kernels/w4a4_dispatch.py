@@ -139,7 +139,8 @@ def forward_dequant(x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
     groups = k // GROUP
     # Few row blocks of 32: split K too, so the activation kernel fills the GPU (the branch's partial sums are then
     # added up here).
-    chunks = max(1, min(groups, -(-4 * _sm_count(x2d.device) // -(-m // 32))))
+    row_blocks, sms = -(-m // 32), _sm_count(x2d.device)
+    chunks = 1 if row_blocks >= sms else max(1, min(groups, -(-2 * sms // row_blocks)))
     partial = fake_quant_activations_triton(
         x2d, ops.spec, a, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
         static_zero=ops.static_zero, groups_per_chunk=None if chunks == 1 else -(-groups // chunks))
@@ -293,8 +294,13 @@ def choose_backend(x2d: torch.Tensor, ops: LinearOperands) -> dict:
         return _rule(m)
     from triton.testing import do_bench
 
+    candidates = _candidates(m, *ops.shape, x2d.device)
+    if len(candidates) == 1:
+        choice = {**candidates[0], "source": "only candidate"}
+        choices.put(key, choice)
+        return choice
     timings = []
-    for candidate in _candidates(m, *ops.shape, x2d.device):
+    for candidate in candidates:
         try:
             _run_choice(candidate, x2d, ops)
             ms = do_bench(lambda c=candidate: _run_choice(c, x2d, ops), warmup=3, rep=10, return_mode="median")
