@@ -164,7 +164,7 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-@pytest.mark.parametrize("backend", ["gemv", "dequant"])
+@pytest.mark.parametrize("backend", ["gemv", "tiled", "dequant"])
 def test_mixed_backends_compute_fake_quant_linear_in_bfloat16(case, backend):
     fake = _fake(**LAYER_CASES[case]).to(torch.bfloat16)
     real = W4A4Linear.from_fake(fake, backend=backend)
@@ -253,6 +253,23 @@ def test_measured_choice_is_cached_on_disk_and_reused(monkeypatch, tmp_path):
     assert dispatch.choose_backend(x, ops)["backend"] == choice["backend"] and not timed
     # M = 5 shares the power-of-two bucket of 8.
     assert dispatch.choose_backend(torch.randn(5, 192).bfloat16(), ops) == stored and not timed
+
+
+def test_row_tiled_kernel_with_several_row_tiles_and_splits():
+    from deepcompressor.kernels.w4a4_mixed import w4a4_mixed_gemm_triton
+
+    m, n, k, rank = 37, 40, 256, 16
+    x = _x(m, k, torch.bfloat16, seed=9)
+    l2t = (torch.randn(k, rank) * 0.1).bfloat16()
+    l1t = (torch.randn(rank, n) * 0.1).bfloat16()
+    qt, packed, scale, zero = _weight(n, k, "uint4", False, seed=10)
+    xq = torch.empty(m, k, dtype=torch.bfloat16)
+    partial = fake_quant_activations_triton(x, _spec(), xq, l2t=l2t, groups_per_chunk=2)
+    y = w4a4_mixed_gemm_triton(xq, partial, packed, scale, zero, False, l1t=l1t,
+                               config=GemvConfig(16, 2, block_m=16), groups_per_split=2)
+    ref = xq.double() @ qt.dequantize(torch.bfloat16).double().t() + (x.double() @ l2t.double()) @ l1t.double()
+    assert torch.allclose(y.double(), ref, rtol=2**-8, atol=2**-8 * ref.abs().max().item())
+    assert int(gemv_workspace.counters[("cpu", None)].abs().sum()) == 0
 
 
 def test_default_gemv_config_fills_the_gpu():

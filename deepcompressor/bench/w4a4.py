@@ -5,7 +5,7 @@ count M (default 2, 8, 32, 64, 256, 1024, 4608, 8192: rows = tokens x CFG rows),
 
 - ``bf16``: ``F.linear`` of 16-bit activations, weights and bias (cuBLAS: the baseline);
 - ``int``: the exact integer kernels (activation codes, int32 products per group; one fixed launch configuration,
-  no autotuning); ``gemv`` (at most 128 rows) and ``dequant``: the mixed-input backends; ``auto``: what
+  no autotuning); ``gemv`` (at most 128 rows), ``tiled`` and ``dequant``: the mixed-input backends; ``auto``: what
   ``W4A4Linear`` picks for this GPU and shape (``deepcompressor.kernels.w4a4_dispatch``).
 
 Timing as in the model, whose scales replay CUDA graphs: one CUDA graph runs every call of a set of copies of the
@@ -38,7 +38,7 @@ from tqdm import tqdm
 logger = logging.getLogger("deepcompressor.bench.w4a4")
 
 DEFAULT_ROWS = (2, 8, 32, 64, 256, 1024, 4608, 8192)
-GPU_BACKENDS = ("bf16", "int", "gemv", "dequant", "auto")
+GPU_BACKENDS = ("bf16", "int", "gemv", "tiled", "dequant", "auto")
 CHECK_ROWS = 256
 L2_FLUSH_BYTES = 2 * 60 * 2**20  # twice an H100/H200 L2
 GENERATION_PN = "1M"
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="+", type=int, default=None,
                         help="Image tokens per CFG row instead of --rows (M = tokens x --cfg-rows)")
     parser.add_argument("--cfg-rows", type=int, default=2, help="Rows per token (2 with classifier-free guidance)")
-    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "gemv", "dequant", "auto",
-                                                                         "torch"),
+    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "gemv", "tiled", "dequant",
+                                                                         "auto", "torch"),
                         help="Default: bf16 int gemv dequant auto on GPU, bf16 torch on CPU")
     parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None,
                         help="Also time one 1024x1024 generation's linear work per layer type (default: on GPU)")
@@ -175,7 +175,7 @@ class ShapeBench:
         else:
             if backend == "gemv" and m > 128:
                 return None
-            if backend in ("gemv", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
+            if backend in ("gemv", "tiled", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
                 return None
             for lay in self.w4a4_copies:
                 lay.backend = backend

@@ -125,7 +125,7 @@ def _check_mixed(fake, real, x: torch.Tensor, tokens: int) -> dict:
              + (xs.double() @ l2t.double()) @ real._cast("lowrank_l1t", dtype).double()
              + fake.bias.to(dtype).double())
     out = {}
-    for backend, rows in (("gemv", min(64, tokens)), ("dequant", tokens)):
+    for backend, rows in (("gemv", min(64, tokens)), ("tiled", tokens), ("dequant", tokens)):
         layer = W4A4Linear.from_fake(fake, backend=backend)
         xq = torch.empty(xd.shape[0], k + l2t.shape[1], dtype=dtype, device=xd.device)
         fake_quant_activations_triton(xd, real.ispec, xq, smooth=smooth, l2t=l2t)

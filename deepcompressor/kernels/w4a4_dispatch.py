@@ -6,10 +6,12 @@ Backends (``W4A4Linear(backend=...)``):
   tensor-core hardware (Jetson Orin, Ampere, Ada). Any dtype.
 - ``gemv``: ``kernels.w4a4_mixed`` for few tokens (at most 128 rows): activations fake-quantized by one kernel, then
   one split-K kernel that dequantizes the weights in registers. 16-bit activations on CUDA.
+- ``tiled``: the same two kernels with row tiles (any row count): the weights read as 4-bit codes and dequantized
+  in registers, no workspace. 16-bit activations on CUDA.
 - ``dequant``: activations fake-quantized into ``[xq | down]``, the layer's weights dequantized into a reusable
   workspace ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
 - ``torch``: the PyTorch path of ``kernels.w4a4`` (CPU).
-- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``dequant`` for this GPU, shape and dtype,
+- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape and dtype,
   measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
   ``~/.cache/var-compressor``); float32 activations take ``int``; CPU tensors ``torch``. While a CUDA graph is being
   captured nothing is timed: an unmeasured shape takes the rule ``gemv`` up to 64 rows, else ``dequant``.
@@ -42,7 +44,9 @@ from .w4a4_mixed import (
     dequantize_weight_triton,
     fake_quant_activations_triton,
     gemv_workspace,
+    tiled_gemm_configs,
     w4a4_gemv_triton,
+    w4a4_mixed_gemm_triton,
 )
 
 __all__ = [
@@ -58,9 +62,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "int", "triton", "gemv", "dequant", "torch")
+BACKENDS = ("auto", "int", "triton", "gemv", "tiled", "dequant", "torch")
 _ALIASES = {"triton": "int"}
-MIXED = ("gemv", "dequant")
+MIXED = ("gemv", "tiled", "dequant")
 RULE_GEMV_ROWS = 64
 
 
@@ -170,6 +174,26 @@ def forward_gemv(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | No
                             bias=ops.bias, config=config, groups_per_split=gps)
 
 
+def forward_tiled(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | None = None) -> torch.Tensor:
+    """Any row count: the activation kernel (split along K to fill the GPU), the row-tiled mixed-input GEMM."""
+    _check_mixed(x2d, ops.name, "tiled")
+    m, k = x2d.shape
+    config = config or tiled_gemm_configs()[0]
+    groups = k // GROUP
+    row_blocks, sms = -(-m // 32), _sm_count(x2d.device)
+    chunks = 1 if row_blocks >= sms else max(1, min(groups, -(-2 * sms // row_blocks)))
+    xq = torch.empty(m, k, dtype=x2d.dtype, device=x2d.device)
+    partial = fake_quant_activations_triton(
+        x2d, ops.spec, xq, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
+        static_zero=ops.static_zero, groups_per_chunk=-(-groups // chunks))
+    if partial is not None and partial.shape[0] > 1:
+        partial = partial.sum(0, keepdim=True)
+    return w4a4_mixed_gemm_triton(xq, partial, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, l1t=ops.l1t,
+                                  bias=ops.bias, config=GemvConfig(config.block_n, 1, config.num_warps,
+                                                                   config.block_m, config.num_stages),
+                                  groups_per_split=groups)
+
+
 def forward_exact(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_weight=None) -> torch.Tensor:
     """The integer (``int``) or PyTorch (``torch``) path of ``kernels.w4a4``."""
     kernel_backend = "triton" if backend == "int" else "torch"
@@ -271,14 +295,19 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
             if cfg not in seen:
                 seen.add(cfg)
                 out.append({"backend": "gemv", "config": cfg.as_dict()})
+    else:
+        out.extend({"backend": "tiled", "config": cfg.as_dict()} for cfg in tiled_gemm_configs())
     out.append({"backend": "dequant"})
     return out
 
 
 def _run_choice(choice: dict, x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    cfg = choice.get("config")
+    cfg = None if cfg is None else GemvConfig(**cfg)
     if choice["backend"] == "gemv":
-        cfg = choice.get("config")
-        return forward_gemv(x2d, ops, None if cfg is None else GemvConfig(**cfg))
+        return forward_gemv(x2d, ops, cfg)
+    if choice["backend"] == "tiled":
+        return forward_tiled(x2d, ops, cfg)
     return forward_dequant(x2d, ops)
 
 
@@ -330,6 +359,8 @@ def linear_forward(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_wei
             return _run_choice(choose_backend(x2d, ops), x2d, ops)
     if backend == "gemv":
         return forward_gemv(x2d, ops)
+    if backend == "tiled":
+        return forward_tiled(x2d, ops)
     if backend == "dequant":
         return forward_dequant(x2d, ops)
     return forward_exact(x2d, ops, backend, cpu_weight)

@@ -18,10 +18,11 @@ so the result equals ``FakeQuantLinear`` up to summation order and the rounding 
 - ``dequantize_weight``: packed ``[N, K / 2]`` -> ``[N, K + R]`` 16-bit, ``L1`` in the last R columns, into a
   reusable workspace. With the first, one cuBLAS GEMM computes the main product and the branch (large M, where
   the dequantization costs a few percent of the GEMM).
-- ``w4a4_gemv``: few tokens, where the layer is bound by reading its weights (4.25 bits instead of 16): programs
-  over (tile of outputs, range of K), weights dequantized in registers, the branch's up projection applied to each
-  range's partial down projection; the last program of an output tile sums the partial tiles in a fixed order
-  (deterministic), adds the bias and rounds once.
+- ``w4a4_mixed_gemm``: programs over (row tile, output tile, range of K), the weights read as 4-bit codes and
+  dequantized in registers, the branch's up projection applied to each range's partial down projection; with more
+  than one range, the last program of an output tile sums the partial tiles in a fixed order (deterministic),
+  adds the bias and rounds once. ``w4a4_gemv`` is its few-token form (one row tile, split K): there the layer is
+  bound by reading its weights, 4.25 bits instead of 16.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ __all__ = [
     "fake_quant_activations_torch",
     "fake_quant_activations_triton",
     "gemv_workspace",
+    "tiled_gemm_configs",
     "w4a4_gemv_triton",
+    "w4a4_mixed_gemm_triton",
 ]
 
 
@@ -166,16 +169,18 @@ if HAS_TRITON:
                          mask=n_mask[:, None])
 
     @triton.jit
-    def _gemv_kernel(
+    def _mixed_gemm_kernel(
         XQ, DOWNP, B, B_SCALES, B_ZERO, L1T, BIAS, Y, PART, COUNT,
         M, N, K, stride_xm, stride_dc, stride_ym, GPS, SPLITS,
         Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        pid_n = tl.program_id(0)
-        split = tl.program_id(1)
-        rm = tl.arange(0, BLOCK_M)
+        # Row tiles vary fastest, so the programs that share a weight tile run together and read it once from HBM.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         rm64 = rm.to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,7 +225,8 @@ if HAS_TRITON:
             tl.store(PART + split * M * N + tile, acc, mask=out_mask)
             tl.debug_barrier()
             # acq_rel at GPU scope: the partial tiles stored before it are visible to the program that counts last.
-            arrived = tl.atomic_add(COUNT + pid_n, 1)
+            counter = COUNT + pid_m * tl.num_programs(1) + pid_n
+            arrived = tl.atomic_add(counter, 1)
             if arrived == SPLITS - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for t in range(0, SPLITS):
@@ -228,7 +234,7 @@ if HAS_TRITON:
                 if HAS_BIAS:
                     total += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
                 tl.store(y_ptr, round_to(total, Y_KIND).to(Y.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(COUNT + pid_n, 0)  # ready for the next call
+                tl.atomic_xchg(counter, 0)  # ready for the next call
         else:
             if HAS_BIAS:
                 acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -310,14 +316,18 @@ def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch of ``w4a4_gemv``: ``block_n`` outputs per program, K split into about ``splits`` ranges."""
+    """Launch of ``w4a4_mixed_gemm``: tiles of ``block_m`` (0: the rows rounded up to a power of two >= 16) x
+    ``block_n``, K split into about ``splits`` ranges."""
 
     block_n: int
     splits: int
     num_warps: int = 4
+    block_m: int = 0
+    num_stages: int = 2
 
     def as_dict(self) -> dict:
-        return {"block_n": self.block_n, "splits": self.splits, "num_warps": self.num_warps}
+        return {"block_n": self.block_n, "splits": self.splits, "num_warps": self.num_warps,
+                "block_m": self.block_m, "num_stages": self.num_stages}
 
 
 def _block_m(m: int) -> int:
@@ -331,16 +341,22 @@ GEMV_MAX_ROWS = 128
 
 
 def default_gemv_config(m: int, n: int, k: int, sm_count: int = 132, block_n: int | None = None) -> GemvConfig:
-    """Tiles wide enough that re-reading the activations from L2 stays below the weights' bytes (``2 M / BN``) and
-    enough (tile, range) programs for about three per multiprocessor."""
+    """Few rows: one row tile, wide enough output tiles that re-reading the activations from L2 stays below the
+    weights' bytes (``2 M / BN``), and enough (tile, range) programs for about three per multiprocessor."""
     if block_n is None:
         block_n = 64 if m <= 16 else (128 if m <= 32 else 256)
     block_n = max(16, min(block_n, 1 << max(4, (n - 1).bit_length())))
-    tiles = triton.cdiv(n, block_n) if HAS_TRITON else -(-n // block_n)
+    tiles = -(-n // block_n)
     groups = k // GROUP
     splits = max(1, min(groups, round(3 * sm_count / tiles)))
     warps = 8 if _block_m(m) * block_n >= 64 * 256 else 4
     return GemvConfig(block_n, splits, warps)
+
+
+def tiled_gemm_configs() -> list[GemvConfig]:
+    """Tile shapes for many rows (no split), timed against the cuBLAS path by the dispatcher."""
+    return [GemvConfig(128, 1, 8, block_m=128, num_stages=3), GemvConfig(128, 1, 4, block_m=64, num_stages=4),
+            GemvConfig(256, 1, 8, block_m=64, num_stages=3)]
 
 
 class _GemvWorkspace:
@@ -373,36 +389,48 @@ class _GemvWorkspace:
 gemv_workspace = _GemvWorkspace()
 
 
-def w4a4_gemv_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, w_packed: torch.Tensor,
-                     w_scale: torch.Tensor, w_zero: torch.Tensor | None, w_signed: bool, *,
-                     l1t: torch.Tensor | None = None, bias: torch.Tensor | None = None, config: GemvConfig,
-                     groups_per_split: int) -> torch.Tensor:
-    """``y [M, N]`` in xq's dtype from fake-quantized activations ``xq [M, K]`` (M <= 128) and, with a branch, the
-    down projection's partial sums ``[splits, M, R]`` over the same K ranges (``groups_per_split`` groups each)."""
+def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, w_packed: torch.Tensor,
+                           w_scale: torch.Tensor, w_zero: torch.Tensor | None, w_signed: bool, *,
+                           l1t: torch.Tensor | None = None, bias: torch.Tensor | None = None, config: GemvConfig,
+                           groups_per_split: int) -> torch.Tensor:
+    """``y [M, N]`` in xq's dtype from fake-quantized activations ``xq [M, K]`` and, with a branch, the down
+    projection's float32 partial sums ``[splits, M, R]`` over the same K ranges (``groups_per_split`` groups each),
+    the weights dequantized in registers."""
     m, k = xq.shape
     n = w_packed.shape[0]
-    if m > GEMV_MAX_ROWS:
-        raise ValueError(f"w4a4_gemv: at most {GEMV_MAX_ROWS} rows, got {m}")
     groups = k // GROUP
-    splits = triton.cdiv(groups, groups_per_split)
-    tiles = triton.cdiv(n, config.block_n)
+    splits = -(-groups // groups_per_split)
+    block_m = config.block_m or _block_m(m)
+    tiles_m, tiles_n = -(-m // block_m), -(-n // config.block_n)
     y = torch.empty(m, n, dtype=xq.dtype, device=xq.device)
     if splits > 1:
-        part, count = gemv_workspace.get(xq.device, splits * m * n, tiles)
+        part, count = gemv_workspace.get(xq.device, splits * m * n, tiles_m * tiles_n)
     else:
         part = count = y
     rank = l1t.shape[0] if l1t is not None else 16
     if l1t is not None and (down_partial is None or tuple(down_partial.shape) != (splits, m, rank)):
-        raise ValueError(f"w4a4_gemv: partial down projections {None if down_partial is None else tuple(down_partial.shape)}"
-                         f", expected ({splits}, {m}, {rank})")
+        got = None if down_partial is None else tuple(down_partial.shape)
+        raise ValueError(f"w4a4_mixed_gemm: partial down projections {got}, expected ({splits}, {m}, {rank})")
     dummy = y
-    _gemv_kernel[(tiles, splits)](
+    _mixed_gemm_kernel[(tiles_m, tiles_n, splits)](
         xq, down_partial if down_partial is not None else dummy, w_packed.view(torch.int8), w_scale,
         w_zero if w_zero is not None else dummy, l1t if l1t is not None else dummy,
         bias if bias is not None else dummy, y, part, count, m, n, k, xq.stride(0), m * rank, y.stride(0),
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
-        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=_block_m(m), BLOCK_N=config.block_n,
-        num_warps=config.num_warps,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
+
+
+def w4a4_gemv_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, w_packed: torch.Tensor,
+                     w_scale: torch.Tensor, w_zero: torch.Tensor | None, w_signed: bool, *,
+                     l1t: torch.Tensor | None = None, bias: torch.Tensor | None = None, config: GemvConfig,
+                     groups_per_split: int) -> torch.Tensor:
+    """``w4a4_mixed_gemm`` with a single row tile (at most 128 rows): the few-token case."""
+    if xq.shape[0] > GEMV_MAX_ROWS:
+        raise ValueError(f"w4a4_gemv: at most {GEMV_MAX_ROWS} rows, got {xq.shape[0]}")
+    return w4a4_mixed_gemm_triton(xq, down_partial, w_packed, w_scale, w_zero, w_signed, l1t=l1t, bias=bias,
+                                  config=GemvConfig(config.block_n, config.splits, config.num_warps, 0,
+                                                    config.num_stages), groups_per_split=groups_per_split)
