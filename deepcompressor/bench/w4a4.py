@@ -26,7 +26,6 @@ import argparse
 import copy
 import logging
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -86,44 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def graph_ms(calls: list[Callable[[], object]], device: torch.device, replays: int, target_calls: int = 96) -> float:
-    """Median time per call of ``calls`` (each a layer on its own copy of the weights), captured together in one
-    CUDA graph that runs them ``rounds`` times (on CPU: wall time of plain calls)."""
-    rounds = max(1, target_calls // len(calls))
-    if device.type != "cuda":
-        for call in calls:
-            call()
-        times = []
-        for _ in range(replays):
-            start = time.perf_counter()
-            for call in calls:
-                call()
-            times.append((time.perf_counter() - start) * 1e3 / len(calls))
-        return statistics.median(times)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):  # warm-up outside capture: compiles, measures the dispatch choice
-        for call in calls:
-            call()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for call in calls:
-                call()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (rounds * len(calls)))
-    del graph
-    return statistics.median(times)
+def graph_ms(calls: list[Callable[[], object]], device: torch.device, replays: int) -> float:
+    from ..kernels.timing import graph_time_ms
+
+    return graph_time_ms(calls, device, replays)
 
 
 def _copies(nbytes: int, device: torch.device) -> int:
@@ -173,8 +138,8 @@ class ShapeBench:
         elif backend == "int":
             calls = [lambda lay=lay: _int_forward(lay, x) for lay in self.w4a4_copies]
         else:
-            if backend == "gemv" and m > 128:
-                return None
+            if (backend == "gemv" and m > 128) or (backend == "tiled" and m > 2048):
+                return None  # outside the backend's range (gemv) or its useful range (tiled: 2-4x slower there)
             if backend in ("gemv", "tiled", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
                 return None
             for lay in self.w4a4_copies:

@@ -44,6 +44,7 @@ from .w4a4_mixed import (
     dequantize_weight_triton,
     fake_quant_activations_triton,
     gemv_workspace,
+    split_plan,
     tiled_gemm_configs,
     w4a4_gemv_triton,
     w4a4_mixed_gemm_triton,
@@ -66,6 +67,7 @@ BACKENDS = ("auto", "int", "triton", "gemv", "tiled", "dequant", "torch")
 _ALIASES = {"triton": "int"}
 MIXED = ("gemv", "tiled", "dequant")
 RULE_GEMV_ROWS = 64
+TILED_MAX_ROWS = 1024  # measured on an H200: above, the cuBLAS path wins every shape by 2-4x
 
 
 class LinearOperands:
@@ -140,16 +142,10 @@ def forward_dequant(x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
     n = ops.w_packed.shape[0]
     rank = _padded_rank(ops)
     a = torch.empty(m, k + rank, dtype=x2d.dtype, device=x2d.device)
-    groups = k // GROUP
-    # Few row blocks of 32: split K too, so the activation kernel fills the GPU (the branch's partial sums are then
-    # added up here).
-    row_blocks, sms = -(-m // 32), _sm_count(x2d.device)
-    chunks = 1 if row_blocks >= sms else max(1, min(groups, -(-2 * sms // row_blocks)))
-    partial = fake_quant_activations_triton(
-        x2d, ops.spec, a, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
-        static_zero=ops.static_zero, groups_per_chunk=None if chunks == 1 else -(-groups // chunks))
+    partial = fake_quant_activations_triton(x2d, ops.spec, a, smooth=ops.smooth, l2t=ops.l2t,
+                                            static_scale=ops.static_scale, static_zero=ops.static_zero)
     if partial is not None:
-        a[:, k:] = partial.sum(0).to(x2d.dtype)
+        a[:, k:] = partial.sum(0)
     ws = weight_workspace.get(x2d.device, x2d.dtype, n * (k + rank)).view(-1)[: n * (k + rank)].view(n, k + rank)
     dequantize_weight_triton(ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, ws, l1t=ops.l1t)
     return torch.nn.functional.linear(a, ws, ops.bias)
@@ -164,8 +160,7 @@ def forward_gemv(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | No
         raise ValueError(f"{ops.name}: the gemv W4A4 backend takes at most {GEMV_MAX_ROWS} rows, got {m}")
     if config is None:
         config = default_gemv_config(m, n, k, _sm_count(x2d.device))
-    groups = k // GROUP
-    gps = -(-groups // max(1, min(config.splits, groups)))
+    gps, _ = split_plan(k // GROUP, config.splits)
     xq = torch.empty(m, k, dtype=x2d.dtype, device=x2d.device)
     partial = fake_quant_activations_triton(
         x2d, ops.spec, xq, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
@@ -180,12 +175,9 @@ def forward_tiled(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | N
     m, k = x2d.shape
     config = config or tiled_gemm_configs()[0]
     groups = k // GROUP
-    row_blocks, sms = -(-m // 32), _sm_count(x2d.device)
-    chunks = 1 if row_blocks >= sms else max(1, min(groups, -(-2 * sms // row_blocks)))
     xq = torch.empty(m, k, dtype=x2d.dtype, device=x2d.device)
-    partial = fake_quant_activations_triton(
-        x2d, ops.spec, xq, smooth=ops.smooth, l2t=ops.l2t, static_scale=ops.static_scale,
-        static_zero=ops.static_zero, groups_per_chunk=-(-groups // chunks))
+    partial = fake_quant_activations_triton(x2d, ops.spec, xq, smooth=ops.smooth, l2t=ops.l2t,
+                                            static_scale=ops.static_scale, static_zero=ops.static_zero)
     if partial is not None and partial.shape[0] > 1:
         partial = partial.sum(0, keepdim=True)
     return w4a4_mixed_gemm_triton(xq, partial, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, l1t=ops.l1t,
@@ -295,7 +287,7 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
             if cfg not in seen:
                 seen.add(cfg)
                 out.append({"backend": "gemv", "config": cfg.as_dict()})
-    else:
+    elif m <= TILED_MAX_ROWS:
         out.extend({"backend": "tiled", "config": cfg.as_dict()} for cfg in tiled_gemm_configs())
     out.append({"backend": "dequant"})
     return out
@@ -321,7 +313,7 @@ def choose_backend(x2d: torch.Tensor, ops: LinearOperands) -> dict:
     capturing = x2d.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if os.environ.get("VAR_COMPRESSOR_W4A4_TUNE", "1") == "0" or capturing:
         return _rule(m)
-    from triton.testing import do_bench
+    from .timing import graph_time_ms
 
     candidates = _candidates(m, *ops.shape, x2d.device)
     if len(candidates) == 1:
@@ -331,8 +323,9 @@ def choose_backend(x2d: torch.Tensor, ops: LinearOperands) -> dict:
     timings = []
     for candidate in candidates:
         try:
-            _run_choice(candidate, x2d, ops)
-            ms = do_bench(lambda c=candidate: _run_choice(c, x2d, ops), warmup=3, rep=10, return_mode="median")
+            # Timed inside a CUDA graph, as the sampler replays it: host launch gaps would favour fewer kernels.
+            ms = graph_time_ms([lambda c=candidate: _run_choice(c, x2d, ops)], x2d.device, replays=3,
+                               target_calls=20)
         except Exception as error:  # noqa: BLE001 - a configuration the compiler rejects must not stop the others
             logger.warning("W4A4 %s: candidate %s failed: %s", key, candidate, error)
             continue

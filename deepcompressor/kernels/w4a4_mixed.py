@@ -45,6 +45,7 @@ __all__ = [
     "fake_quant_activations_torch",
     "fake_quant_activations_triton",
     "gemv_workspace",
+    "split_plan",
     "tiled_gemm_configs",
     "w4a4_gemv_triton",
     "w4a4_mixed_gemm_triton",
@@ -88,7 +89,7 @@ if HAS_TRITON:
     @triton.jit
     def _fake_quant_act_kernel(
         X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, XQ, DOWN,
-        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC,
+        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC: tl.constexpr,
         X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
         LR_IEEE: tl.constexpr, DOWN_ROUND: tl.constexpr,
         STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -105,25 +106,27 @@ if HAS_TRITON:
         q_rows = XQ + rows64[:, None] * stride_qm
         ranks = tl.arange(0, RANK)
         down = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-        g0 = chunk * GPC
-        g1 = tl.minimum(g0 + GPC, K // 64)
-        for g in range(g0, g1):
-            k0 = g * 64
-            x = tl.load(x_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
-                x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch does
-            if HAS_LOWRANK:
-                l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
-                xl = x.to(L2T.dtype.element_ty)
-                if LR_IEEE:
-                    down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
-                else:
-                    down = tl.dot(xl, l2, down)
-            q, scale = quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX,
-                                      QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
-            xq = round_to(q * scale[:, None], X_KIND)  # exact in float32, rounded once: fake_quantize's value
-            tl.store(q_rows + k0 + cols[None, :], xq.to(XQ.dtype.element_ty), mask=row_mask[:, None])
+        # A few groups per program, unrolled: many programs in flight hide the memory latency that one program
+        # walking all of K would wait out group after group.
+        for i in tl.static_range(GPC):
+            g = chunk * GPC + i
+            if g < K // 64:
+                k0 = g * 64
+                x = tl.load(x_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+                if HAS_SMOOTH:
+                    s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
+                    x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch
+                if HAS_LOWRANK:
+                    l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
+                    xl = x.to(L2T.dtype.element_ty)
+                    if LR_IEEE:
+                        down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
+                    else:
+                        down = tl.dot(xl, l2, down)
+                q, scale = quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC, SYMMETRIC, HAS_ZERO, QMIN,
+                                          QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
+                xq = round_to(q * scale[:, None], X_KIND)  # exact in float32, rounded once: fake_quantize's value
+                tl.store(q_rows + k0 + cols[None, :], xq.to(XQ.dtype.element_ty), mask=row_mask[:, None])
         if HAS_LOWRANK:
             d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
             if DOWN_ROUND:
@@ -133,7 +136,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequant_weight_kernel(
-        B, B_SCALES, B_ZERO, L1T, OUT, N, K, stride_on, GPP,
+        B, B_SCALES, B_ZERO, L1T, OUT, N, K, stride_on, GPP: tl.constexpr,
         OUT_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
@@ -145,22 +148,22 @@ if HAS_TRITON:
         half = tl.arange(0, 32)
         b_rows = B + rn64[:, None] * (K // 2) + half[None, :]
         o_rows = OUT + rn64[:, None] * stride_on + half[None, :]
-        g0 = pid_g * GPP
-        g1 = tl.minimum(g0 + GPP, K // 64)
-        for g in range(g0, g1):
-            packed = tl.load(b_rows + g * 32, mask=n_mask[:, None], other=0)
-            lo, hi = unpack_nibbles(packed, B_SIGNED)
-            lo = lo.to(tl.float32)
-            hi = hi.to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-                lo = lo - z[:, None]
-                hi = hi - z[:, None]
-            s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(o_rows + g * 64, round_to(lo * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
-                     mask=n_mask[:, None])
-            tl.store(o_rows + g * 64 + 32, round_to(hi * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
-                     mask=n_mask[:, None])
+        for i in tl.static_range(GPP):
+            g = pid_g * GPP + i
+            if g < K // 64:
+                packed = tl.load(b_rows + g * 32, mask=n_mask[:, None], other=0)
+                lo, hi = unpack_nibbles(packed, B_SIGNED)
+                lo = lo.to(tl.float32)
+                hi = hi.to(tl.float32)
+                if HAS_ZERO:
+                    z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+                    lo = lo - z[:, None]
+                    hi = hi - z[:, None]
+                s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(o_rows + g * 64, round_to(lo * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
+                         mask=n_mask[:, None])
+                tl.store(o_rows + g * 64 + 32, round_to(hi * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
+                         mask=n_mask[:, None])
         if HAS_LOWRANK:
             if pid_g == 0:
                 ranks = tl.arange(0, RANK)
@@ -169,12 +172,37 @@ if HAS_TRITON:
                          mask=n_mask[:, None])
 
     @triton.jit
+    def _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask, Y_KIND: tl.constexpr,
+                             B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
+        # acc += xq[:, group g] @ dequantized W[group g, :]^T, the weight tile unpacked and scaled in registers.
+        a_lo = tl.load(a_rows + g * 64, mask=m_mask[:, None], other=0.0)
+        a_hi = tl.load(a_rows + g * 64 + 32, mask=m_mask[:, None], other=0.0)
+        packed = tl.load(b_cols + g * 32, mask=n_mask[None, :], other=0)  # [32, BLOCK_N]
+        lo, hi = unpack_nibbles(packed, B_SIGNED)
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
+            lo = lo - z[None, :]
+            hi = hi - z[None, :]
+        s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
+        w_lo = round_to(lo * s[None, :], Y_KIND).to(A_DTYPE)
+        w_hi = round_to(hi * s[None, :], Y_KIND).to(A_DTYPE)
+        if IEEE:
+            acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_lo, w_lo, acc)
+            acc = tl.dot(a_hi, w_hi, acc)
+        return acc
+
+    @triton.jit
     def _mixed_gemm_kernel(
         XQ, DOWNP, B, B_SCALES, B_ZERO, L1T, BIAS, Y, PART, COUNT,
-        M, N, K, stride_xm, stride_dc, stride_ym, GPS, SPLITS,
+        M, N, K, stride_xm, stride_dc, stride_ym, GPS: tl.constexpr, SPLITS: tl.constexpr,
         Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         # Row tiles vary fastest, so the programs that share a weight tile run together and read it once from HBM.
         pid_m = tl.program_id(0)
@@ -189,28 +217,18 @@ if HAS_TRITON:
         a_rows = XQ + rm64[:, None] * stride_xm + half[None, :]
         b_cols = B + rn.to(tl.int64)[None, :] * (K // 2) + half[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g0 = split * GPS
-        g1 = tl.minimum(g0 + GPS, K // 64)
-        for g in range(g0, g1):
-            a_lo = tl.load(a_rows + g * 64, mask=m_mask[:, None], other=0.0)
-            a_hi = tl.load(a_rows + g * 64 + 32, mask=m_mask[:, None], other=0.0)
-            packed = tl.load(b_cols + g * 32, mask=n_mask[None, :], other=0)  # [32, BLOCK_N]
-            lo, hi = unpack_nibbles(packed, B_SIGNED)
-            lo = lo.to(tl.float32)
-            hi = hi.to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-                lo = lo - z[None, :]
-                hi = hi - z[None, :]
-            s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-            w_lo = round_to(lo * s[None, :], Y_KIND).to(XQ.dtype.element_ty)
-            w_hi = round_to(hi * s[None, :], Y_KIND).to(XQ.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_lo, w_lo, acc)
-                acc = tl.dot(a_hi, w_hi, acc)
+        groups = K // 64
+        if UNROLL:
+            # Few groups per program (split K), unrolled so that their loads are all in flight together.
+            for i in tl.static_range(GPS):
+                g = split * GPS + i
+                if g < groups:
+                    acc = _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask,
+                                               Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
+        else:
+            for g in range(split * GPS, tl.minimum(split * GPS + GPS, groups)):
+                acc = _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask,
+                                           Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
         if HAS_LOWRANK:
             # The up projection is linear: each range adds (its partial down projection) @ L1^T.
             ranks = tl.arange(0, RANK)
@@ -229,7 +247,7 @@ if HAS_TRITON:
             arrived = tl.atomic_add(counter, 1)
             if arrived == SPLITS - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for t in range(0, SPLITS):
+                for t in tl.static_range(SPLITS):
                     total += tl.load(PART + t * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -253,24 +271,22 @@ def _quant_flags(spec: QuantSpec, static: bool) -> dict:
 def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch.Tensor, *,
                                   smooth: torch.Tensor | None = None, l2t: torch.Tensor | None = None,
                                   static_scale: torch.Tensor | None = None, static_zero: torch.Tensor | None = None,
-                                  groups_per_chunk: int | None = None, block_m: int | None = None
-                                  ) -> torch.Tensor | None:
-    """Write ``xq`` into ``out[:, :K]``; returns the down projection's float32 partial sums ``[chunks, M, R]``
-    (``groups_per_chunk`` groups of 64 inputs per chunk), or None when it went, rounded, into ``out[:, K:]``
-    (one chunk: ``groups_per_chunk`` None) or there is no branch. Inputs are checked by the caller."""
+                                  groups_per_chunk: int = 4, block_m: int | None = None) -> torch.Tensor | None:
+    """Write ``xq`` into ``out[:, :K]``. With a branch, returns the down projection's float32 partial sums
+    ``[chunks, M, R]`` over chunks of ``groups_per_chunk`` groups of 64 inputs (unrolled: keep it small), or None
+    when K is a single chunk and ``out`` has the R extra columns, which then receive it rounded to x's dtype.
+    Inputs are checked by the caller."""
     m, k = x2d.shape
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     groups = k // GROUP
     rank = l2t.shape[1] if l2t is not None else 16
-    gpc = groups if groups_per_chunk is None else max(1, min(int(groups_per_chunk), groups))
+    gpc = max(1, min(int(groups_per_chunk), groups))
     chunks = triton.cdiv(groups, gpc)
     partial = None
     if l2t is None:
         down = out
-    elif chunks == 1 and groups_per_chunk is None:
-        if out.shape[1] != k + rank:
-            raise ValueError(f"fake_quant_activations: operand of width {out.shape[1]}, expected {k} + {rank}")
+    elif chunks == 1 and out.shape[1] == k + rank:
         down = out[:, k:]
     else:
         down = partial = torch.empty(chunks, m, rank, dtype=torch.float32, device=x2d.device)
@@ -289,6 +305,20 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
     return partial
 
 
+MAX_SPLITS = 32
+MAX_GROUPS_PER_SPLIT = 16
+
+
+def split_plan(groups: int, splits: int) -> tuple[int, int]:
+    """``(groups per split, splits)`` for about ``splits`` ranges of K: a power of two of groups per range (the
+    kernels unroll it, at most 16) and at most 32 ranges (the last program of a tile sums them, unrolled)."""
+    gps = 1
+    while gps < -(-groups // max(1, splits)) or -(-groups // gps) > MAX_SPLITS:
+        gps *= 2
+    gps = min(gps, MAX_GROUPS_PER_SPLIT) if -(-groups // min(gps, MAX_GROUPS_PER_SPLIT)) <= MAX_SPLITS else gps
+    return gps, -(-groups // gps)
+
+
 def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, signed: bool,
                              out: torch.Tensor, l1t: torch.Tensor | None = None, block_n: int = 64,
                              groups_per_program: int | None = None) -> torch.Tensor:
@@ -301,10 +331,8 @@ def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero
     if out.shape[0] < n or out.shape[1] < k + (rank if l1t is not None else 0) or out.stride(1) != 1:
         raise ValueError(f"dequantize_weight: output {tuple(out.shape)} too small for [{n}, {k}] + rank")
     if groups_per_program is None:
-        # Enough programs to fill the GPU several times over.
-        tiles = triton.cdiv(n, block_n)
-        groups_per_program = max(1, triton.cdiv(groups * tiles, 1024))
-    gpp = min(groups_per_program, groups)
+        groups_per_program = 2  # unrolled; many small programs keep enough loads in flight
+    gpp = max(1, min(int(groups_per_program), groups))
     grid = (triton.cdiv(n, block_n), triton.cdiv(groups, gpp))
     _dequant_weight_kernel[grid](
         packed.view(torch.int8), w_scale, w_zero if w_zero is not None else out, l1t if l1t is not None else out,
@@ -418,8 +446,8 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         bias if bias is not None else dummy, y, part, count, m, n, k, xq.stride(0), m * rank, y.stride(0),
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
-        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, UNROLL=groups_per_split <= MAX_GROUPS_PER_SPLIT,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 
