@@ -79,6 +79,7 @@ def test_kernel_benchmark_cpu_smoke(tmp_path):
         assert 0.01 < row["quant_error_vs_16bit_rel"] < 0.5  # 4-bit, with random (unsearched) smoothing
         assert row["resident_bytes"]["w4a4_layer"] < row["resident_bytes"]["bf16"]
     assert res["generation"] == []  # only on GPU by default
+    assert res["complete"] is True
 
 
 def test_generation_rows_are_the_1024_schedule_with_cfg():

@@ -77,8 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="Activation dtype: auto (bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--replays", type=int, default=None, help="Timed graph replays (default 7 GPU, 3 CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also record each backend's kernels (CUDA time per call, torch.profiler) per row")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", dest="json_path", default=None, help="Write the results here (JSON)")
+    parser.add_argument("--json", dest="json_path", default=None,
+                        help="Write the results here (JSON; rewritten after every shape with complete=false, so a "
+                        "run cut short keeps what it measured)")
     return parser.parse_args(argv)
 
 
@@ -150,19 +154,13 @@ class ShapeBench:
 
 
 def _int_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The exact integer kernels with one fixed launch configuration (no autotuning)."""
-    from ..kernels.w4a4 import quantize_activations_triton, w4a4_matmul_triton
-
-    dtype = x.dtype
-    act = quantize_activations_triton(x, layer.ispec, smooth=layer._cast("smooth_scale", dtype),
-                                      l2t=layer._cast("lowrank_l2t", dtype), block_m=32)
-    m = x.shape[0]
-    block_m = 16 if m <= 16 else (64 if m <= 64 else 128)
-    config = {"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4 if block_m < 128 else 8,
-              "num_stages": 3}
-    return w4a4_matmul_triton(act, layer.weight_packed, layer.weight_scale, layer.weight_zero,
-                              layer.wspec.fmt.signed, l1t=layer._cast("lowrank_l1t", dtype),
-                              bias=layer._cast("bias", dtype), out_dtype=dtype, variant="ab", config=config)
+    """The exact integer kernels (``W4A4Linear(backend="int")``: fixed launch configurations, no autotuning)."""
+    backend = layer.backend
+    layer.backend = "int"
+    try:
+        return layer(x)
+    finally:
+        layer.backend = backend
 
 
 def bench_shape(bench: ShapeBench, m: int, args) -> dict:
@@ -198,6 +196,8 @@ def bench_shape(bench: ShapeBench, m: int, args) -> dict:
     row["resident_bytes"] = {"bf16": 2 * bench.n * bench.k + 2 * bench.n, "w4a4_layer": layer.nbytes(),
                              "dequant_workspace_for_this_layer": 2 * bench.n * (bench.k + rank),
                              "gemv_partials_for_this_layer": _gemv_partial_bytes(m, bench.n, bench.k)}
+    if args.profile and bench.device.type == "cuda":
+        row["profile"] = {b: kernel_profile(bench, b, x) for b in ms}
     rows = x[:CHECK_ROWS]
     with torch.no_grad():
         layer.backend = "auto"
@@ -209,6 +209,35 @@ def bench_shape(bench: ShapeBench, m: int, args) -> dict:
     row["check_vs_torch_path_rel"] = _relative(y, torch_path)
     row["quant_error_vs_16bit_rel"] = _relative(y, y16)
     return row
+
+
+def kernel_profile(bench: ShapeBench, backend: str, x: torch.Tensor, calls: int = 3) -> list[dict]:
+    """The CUDA kernels one call of ``backend`` launches, with their device time per call (eager calls under
+    torch.profiler), longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if backend == "bf16":
+        fn = lambda: torch.nn.functional.linear(x, bench.linear.weight, bench.linear.bias)  # noqa: E731
+    elif backend == "int":
+        fn = lambda: _int_forward(bench.w4a4, x)  # noqa: E731
+    else:
+        bench.w4a4.backend = backend
+        fn = lambda: bench.w4a4(x)  # noqa: E731
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize(bench.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize(bench.device)
+    bench.w4a4.backend = "auto"
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if device_us and event.count:
+            kernels.append({"kernel": event.key[:120], "launches_per_call": event.count / calls,
+                            "us_per_call": device_us / calls})
+    return sorted(kernels, key=lambda k: -k["us_per_call"])[:12]
 
 
 def _gemv_partial_bytes(m: int, n: int, k: int) -> int:
@@ -246,11 +275,9 @@ def bench_generation(bench: ShapeBench, per_block: int, depth: int, args) -> dic
             "per_scale": per_scale}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_shape: Callable[[dict], None] | None = None) -> dict:
     from infinity.arch import get_arch
     from infinity.checkpoints import resolve_device, resolve_dtype
-
-    from ..kernels.w4a4_dispatch import dispatch_cache_path, nunchaku_status, resident_workspace_bytes
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -273,17 +300,27 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
         if args.generation:
             generation.append(bench_generation(bench, per_block, get_arch(arch).depth, args))
+        if on_shape is not None:
+            on_shape(_result(args, dtype, rows, generation, complete=False))
         del bench
         if on_gpu:
             torch.cuda.empty_cache()
+    return _result(args, dtype, rows, generation, complete=True)
+
+
+def _result(args, dtype: torch.dtype, rows: list[dict], generation: list[dict], complete: bool) -> dict:
+    from ..kernels.w4a4_dispatch import dispatch_cache_path, nunchaku_status, resident_workspace_bytes
+
     totals = {}
     for arch in args.arch:
         parts = [g for g in generation if g["arch"] == arch]
         if parts:
             bf16, auto = sum(g["bf16_ms"] for g in parts), sum(g["auto_ms"] for g in parts)
             totals[arch] = {"bf16_ms": bf16, "auto_ms": auto, "speedup_vs_bf16": bf16 / auto}
+    on_gpu = args.device_name != "cpu"
     return {
         "date": time.strftime("%Y-%m-%d"),
+        "complete": complete,
         "device": args.device_name,
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -348,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    res = run(args)
+    save = (lambda partial: write_json(args.json_path, partial)) if args.json_path else None
+    res = run(args, on_shape=save)
     print(format_table(res))
     if args.json_path:
         write_json(args.json_path, res)

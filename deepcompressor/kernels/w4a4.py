@@ -43,6 +43,7 @@ __all__ = [
     "check_activation_spec",
     "check_weight_spec",
     "dequantized_weight",
+    "int_launch_config",
     "padded_rank",
     "quantize_activations",
     "quantize_activations_torch",
@@ -430,6 +431,14 @@ def _m_bucket(m: int) -> int:
     while bucket < m:
         bucket *= 2
     return bucket
+
+
+def int_launch_config(m: int) -> dict:
+    """A launch configuration of the integer GEMM chosen from the row count alone (no autotuning: the tuned
+    configurations differed from it by less than the integer path's distance to the mixed-input backends)."""
+    block_m = 16 if m <= 16 else (64 if m <= 64 else 128)
+    return {"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "num_warps": 4 if block_m < 128 else 8,
+            "num_stages": 3}
 
 
 GEMM_VARIANTS = ("auto", "ab", "swapped")

@@ -35,7 +35,7 @@ import torch
 
 from ..quant.formats import QuantSpec
 from .triton_utils import HAS_TRITON
-from .w4a4 import quantize_activations, w4a4_matmul
+from .w4a4 import int_launch_config, quantize_activations, w4a4_matmul
 from .w4a4_layout import GROUP
 from .w4a4_mixed import (
     GEMV_MAX_ROWS,
@@ -189,11 +189,16 @@ def forward_tiled(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | N
 def forward_exact(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_weight=None) -> torch.Tensor:
     """The integer (``int``) or PyTorch (``torch``) path of ``kernels.w4a4``."""
     kernel_backend = "triton" if backend == "int" else "torch"
+    launch = {}
+    if kernel_backend == "triton" and x2d.device.type == "cuda":
+        launch = {"block_m": 32}  # fixed launch configurations: no autotuning at the first call
     act = quantize_activations(x2d, ops.spec, backend=kernel_backend, smooth=ops.smooth, l2t=ops.l2t,
-                               static_scale=ops.static_scale, static_zero=ops.static_zero, name=ops.name)
+                               static_scale=ops.static_scale, static_zero=ops.static_zero, name=ops.name, **launch)
     # The PyTorch path keeps its dequantized weight on CPU only (tests, the tiny model); never a GPU copy.
     keep = cpu_weight is not None and kernel_backend == "torch" and x2d.device.type == "cpu"
     extra = {"weight": cpu_weight()} if keep else {}
+    if launch:
+        extra = {"config": int_launch_config(x2d.shape[0]), "variant": "ab"}
     return w4a4_matmul(act, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, backend=kernel_backend,
                        l1t=ops.l1t, bias=ops.bias, out_dtype=x2d.dtype, **extra)
 
