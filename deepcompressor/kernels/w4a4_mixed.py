@@ -34,7 +34,17 @@ import torch
 
 from ..quant.formats import QuantSpec
 from ..quant.functional import fake_quantize
-from .triton_utils import HAS_TRITON, SCALE_KINDS, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
+from .triton_utils import (
+    HAS_TRITON,
+    SCALE_KINDS,
+    dtype_kind,
+    round_half_even,
+    round_to,
+    stored_scale,
+    tl,
+    triton,
+    unpack_nibbles,
+)
 from .w4a4_layout import GROUP, unpack_weight
 
 __all__ = [
@@ -87,46 +97,69 @@ def dequantize_weight_torch(packed: torch.Tensor, w_scale: torch.Tensor, w_zero:
 if HAS_TRITON:
 
     @triton.jit
+    def _quantize_groups(x3, STATIC_SCALE, STATIC_ZERO, g, g_mask, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr,
+                         SYM_ZERO: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
+        # x3 [BLOCK_M, G, 64] (float32), groups g [G] -> centred codes [BLOCK_M, G, 64] and scales [BLOCK_M, G]:
+        # the arithmetic of deepcompressor.quant.core (triton_utils.quantize_group, for G groups at once).
+        zero = tl.zeros((x3.shape[0], x3.shape[1]), dtype=tl.float32) + SYM_ZERO
+        if STATIC:
+            scale = tl.zeros_like(zero) + tl.load(STATIC_SCALE + g, mask=g_mask, other=1.0)[None, :]
+            if HAS_ZERO:
+                zero = tl.zeros_like(zero) + tl.load(STATIC_ZERO + g, mask=g_mask, other=0.0)[None, :]
+        elif SYMMETRIC:
+            absmax = tl.max(tl.abs(x3), axis=2)
+            scale = stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
+        else:
+            xmin = tl.minimum(tl.min(x3, axis=2), 0.0)
+            xmax = tl.maximum(tl.max(x3, axis=2), 0.0)
+            span = tl.zeros_like(xmin) + (QMAX - QMIN)
+            scale = stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
+            zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
+        q = round_half_even(tl.math.div_rn(x3, scale[:, :, None])) + zero[:, :, None]
+        q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, :, None]
+        return q, scale
+
+    @triton.jit
     def _fake_quant_act_kernel(
         X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, XQ, DOWN,
-        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC: tl.constexpr,
+        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC: tl.constexpr, SUB: tl.constexpr,
         X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
         LR_IEEE: tl.constexpr, DOWN_ROUND: tl.constexpr,
         STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
         QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
         SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
     ):  # fmt: skip
+        # One program: BLOCK_M rows x GPC groups of 64, read SUB groups per load so that a whole tile is in flight
+        # at once (a loop over single groups would wait out the memory latency group after group).
         pid_m = tl.program_id(0)
         chunk = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         rows64 = rows.to(tl.int64)
-        cols = tl.arange(0, 64)
-        x_rows = X + rows64[:, None] * stride_xm
-        q_rows = XQ + rows64[:, None] * stride_qm
         ranks = tl.arange(0, RANK)
         down = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-        # A few groups per program, unrolled: many programs in flight hide the memory latency that one program
-        # walking all of K would wait out group after group.
-        for i in tl.static_range(GPC):
-            g = chunk * GPC + i
-            if g < K // 64:
-                k0 = g * 64
-                x = tl.load(x_rows + k0 + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
-                if HAS_SMOOTH:
-                    s = tl.load(SMOOTH + k0 + cols).to(tl.float32)
-                    x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch
-                if HAS_LOWRANK:
-                    l2 = tl.load(L2T + (k0 + cols)[:, None] * RANK + ranks[None, :])
-                    xl = x.to(L2T.dtype.element_ty)
-                    if LR_IEEE:
-                        down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
-                    else:
-                        down = tl.dot(xl, l2, down)
-                q, scale = quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC, SYMMETRIC, HAS_ZERO, QMIN,
-                                          QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
-                xq = round_to(q * scale[:, None], X_KIND)  # exact in float32, rounded once: fake_quantize's value
-                tl.store(q_rows + k0 + cols[None, :], xq.to(XQ.dtype.element_ty), mask=row_mask[:, None])
+        for sub in range(0, GPC, SUB):
+            cols = (chunk * GPC + sub) * 64 + tl.arange(0, SUB * 64)
+            in_k = cols < K
+            mask = row_mask[:, None] & in_k[None, :]
+            x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                s = tl.load(SMOOTH + cols, mask=in_k, other=1.0).to(tl.float32)
+                x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch does
+            groups = chunk * GPC + sub + tl.arange(0, SUB)
+            q, scale = _quantize_groups(tl.reshape(x, (BLOCK_M, SUB, 64)), STATIC_SCALE, STATIC_ZERO, groups,
+                                        groups < K // 64, STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX, QSYM, SYM_ZERO,
+                                        SCALE_KIND, TINY, FMAX)
+            xq = tl.reshape(round_to(q * scale[:, :, None], X_KIND), (BLOCK_M, SUB * 64))  # exact, rounded once
+            tl.store(XQ + rows64[:, None] * stride_qm + cols[None, :], xq.to(XQ.dtype.element_ty), mask=mask)
+            if HAS_LOWRANK:
+                l2 = tl.load(L2T + cols[:, None] * RANK + ranks[None, :], mask=in_k[:, None], other=0.0)
+                xl = x.to(L2T.dtype.element_ty)
+                if LR_IEEE:
+                    down = tl.dot(xl.to(tl.float32), l2.to(tl.float32), down, input_precision="ieee")
+                else:
+                    down = tl.dot(xl, l2, down)
         if HAS_LOWRANK:
             d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
             if DOWN_ROUND:
@@ -140,30 +173,27 @@ if HAS_TRITON:
         OUT_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
+        # One program: BLOCK_N outputs x GPP groups, read with one load (packed bytes are contiguous per output).
         pid_n = tl.program_id(0)
         pid_g = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rn64 = rn.to(tl.int64)
-        half = tl.arange(0, 32)
-        b_rows = B + rn64[:, None] * (K // 2) + half[None, :]
-        o_rows = OUT + rn64[:, None] * stride_on + half[None, :]
-        for i in tl.static_range(GPP):
-            g = pid_g * GPP + i
-            if g < K // 64:
-                packed = tl.load(b_rows + g * 32, mask=n_mask[:, None], other=0)
-                lo, hi = unpack_nibbles(packed, B_SIGNED)
-                lo = lo.to(tl.float32)
-                hi = hi.to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-                    lo = lo - z[:, None]
-                    hi = hi - z[:, None]
-                s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-                tl.store(o_rows + g * 64, round_to(lo * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
-                         mask=n_mask[:, None])
-                tl.store(o_rows + g * 64 + 32, round_to(hi * s[:, None], OUT_KIND).to(OUT.dtype.element_ty),
-                         mask=n_mask[:, None])
+        c = tl.arange(0, GPP * 32)
+        group = pid_g * GPP + c // 32
+        ok = n_mask[:, None] & (group < K // 64)[None, :]
+        packed = tl.load(B + rn64[:, None] * (K // 2) + (pid_g * GPP * 32 + c)[None, :], mask=ok, other=0)
+        lo, hi = unpack_nibbles(packed, B_SIGNED)
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+        if HAS_ZERO:
+            z = tl.load(B_ZERO + group[None, :] * N + rn[:, None], mask=ok, other=0).to(tl.float32)
+            lo = lo - z
+            hi = hi - z
+        s = tl.load(B_SCALES + group[None, :] * N + rn[:, None], mask=ok, other=0.0).to(tl.float32)
+        out = OUT + rn64[:, None] * stride_on + (group * 64 + c % 32)[None, :]
+        tl.store(out, round_to(lo * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
+        tl.store(out + 32, round_to(hi * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
         if HAS_LOWRANK:
             if pid_g == 0:
                 ranks = tl.arange(0, RANK)
@@ -172,22 +202,31 @@ if HAS_TRITON:
                          mask=n_mask[:, None])
 
     @triton.jit
-    def _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask, Y_KIND: tl.constexpr,
-                             B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
-        # acc += xq[:, group g] @ dequantized W[group g, :]^T, the weight tile unpacked and scaled in registers.
-        a_lo = tl.load(a_rows + g * 64, mask=m_mask[:, None], other=0.0)
-        a_hi = tl.load(a_rows + g * 64 + 32, mask=m_mask[:, None], other=0.0)
-        packed = tl.load(b_cols + g * 32, mask=n_mask[None, :], other=0)  # [32, BLOCK_N]
+    def _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask,
+                             GB: tl.constexpr, Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+                             IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
+        # acc += xq[:, groups g0 .. g0+GB) @ dequantized W[those groups, :]^T. Column c of the low halves is input
+        # 64 (g0 + c // 32) + c % 32, which the packed byte g0 * 32 + c holds in its low nibble (its high nibble
+        # holds the input 32 later), so every operand comes with one load.
+        c = tl.arange(0, GB * 32)
+        group = g0 + c // 32
+        in_k = group < g_end
+        k_lo = group * 64 + c % 32
+        a_mask = m_mask[:, None] & in_k[None, :]
+        a_lo = tl.load(a_rows + k_lo[None, :], mask=a_mask, other=0.0)
+        a_hi = tl.load(a_rows + k_lo[None, :] + 32, mask=a_mask, other=0.0)
+        w_mask = in_k[:, None] & n_mask[None, :]
+        packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask, other=0)
         lo, hi = unpack_nibbles(packed, B_SIGNED)
         lo = lo.to(tl.float32)
         hi = hi.to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(B_ZERO + g * N + rn, mask=n_mask, other=0).to(tl.float32)
-            lo = lo - z[None, :]
-            hi = hi - z[None, :]
-        s = tl.load(B_SCALES + g * N + rn, mask=n_mask, other=0.0).to(tl.float32)
-        w_lo = round_to(lo * s[None, :], Y_KIND).to(A_DTYPE)
-        w_hi = round_to(hi * s[None, :], Y_KIND).to(A_DTYPE)
+            z = tl.load(B_ZERO + group[:, None] * N + rn[None, :], mask=w_mask, other=0).to(tl.float32)
+            lo = lo - z
+            hi = hi - z
+        s = tl.load(B_SCALES + group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        w_lo = round_to(lo * s, Y_KIND).to(A_DTYPE)
+        w_hi = round_to(hi * s, Y_KIND).to(A_DTYPE)
         if IEEE:
             acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
             acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
@@ -202,7 +241,7 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_dc, stride_ym, GPS: tl.constexpr, SPLITS: tl.constexpr,
         Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-        UNROLL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        GB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         # Row tiles vary fastest, so the programs that share a weight tile run together and read it once from HBM.
         pid_m = tl.program_id(0)
@@ -213,22 +252,14 @@ if HAS_TRITON:
         rm64 = rm.to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
-        half = tl.arange(0, 32)
-        a_rows = XQ + rm64[:, None] * stride_xm + half[None, :]
-        b_cols = B + rn.to(tl.int64)[None, :] * (K // 2) + half[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_rows = XQ + rm64[:, None] * stride_xm
         groups = K // 64
-        if UNROLL:
-            # Few groups per program (split K), unrolled so that their loads are all in flight together.
-            for i in tl.static_range(GPS):
-                g = split * GPS + i
-                if g < groups:
-                    acc = _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask,
-                                               Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
-        else:
-            for g in range(split * GPS, tl.minimum(split * GPS + GPS, groups)):
-                acc = _mixed_group_product(acc, a_rows, b_cols, B_SCALES, B_ZERO, g, N, rn, m_mask, n_mask,
-                                           Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # GB groups per step: all of a split's range at once (few rows), or a K step of the pipelined loop.
+        g_end = tl.minimum(split * GPS + GPS, groups)
+        for g0 in range(split * GPS, g_end, GB):
+            acc = _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask, GB,
+                                       Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
         if HAS_LOWRANK:
             # The up projection is linear: each range adds (its partial down projection) @ L1^T.
             ranks = tl.arange(0, RANK)
@@ -281,7 +312,9 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         x2d = x2d.contiguous()
     groups = k // GROUP
     rank = l2t.shape[1] if l2t is not None else 16
-    gpc = max(1, min(int(groups_per_chunk), groups))
+    gpc = 1
+    while gpc < min(int(groups_per_chunk), groups):  # a power of two (a tile width), at most the groups rounded up
+        gpc *= 2
     chunks = triton.cdiv(groups, gpc)
     partial = None
     if l2t is None:
@@ -298,7 +331,7 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
         static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
         out, down, m, k, x2d.stride(0), out.stride(0), m * rank, down.stride(0) if partial is None else rank, gpc,
-        X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+        min(gpc, ACT_GROUPS_PER_LOAD), X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
         LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), DOWN_ROUND=partial is None,
         **_quant_flags(spec, static_scale is not None), BLOCK_M=block_m, num_warps=4,
     )
@@ -307,6 +340,9 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
 
 MAX_SPLITS = 32
 MAX_GROUPS_PER_SPLIT = 16
+TILED_GROUPS_PER_STEP = 2  # K step of 128 in the row-tiled loop
+ACT_GROUPS_PER_LOAD = 4  # activation tile [BLOCK_M, 256]
+WEIGHT_TILE_ELEMENTS = 128 * 256  # dequantized weight tile per step (GB * 32 x BLOCK_N): bounds shared memory
 
 
 def split_plan(groups: int, splits: int) -> tuple[int, int]:
@@ -331,8 +367,10 @@ def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero
     if out.shape[0] < n or out.shape[1] < k + (rank if l1t is not None else 0) or out.stride(1) != 1:
         raise ValueError(f"dequantize_weight: output {tuple(out.shape)} too small for [{n}, {k}] + rank")
     if groups_per_program is None:
-        groups_per_program = 2  # unrolled; many small programs keep enough loads in flight
-    gpp = max(1, min(int(groups_per_program), groups))
+        groups_per_program = 4
+    gpp = 1
+    while gpp < min(int(groups_per_program), groups):  # a power of two: one tile of gpp * 32 bytes per output
+        gpp *= 2
     grid = (triton.cdiv(n, block_n), triton.cdiv(groups, gpp))
     _dequant_weight_kernel[grid](
         packed.view(torch.int8), w_scale, w_zero if w_zero is not None else out, l1t if l1t is not None else out,
@@ -356,6 +394,21 @@ class GemvConfig:
     def as_dict(self) -> dict:
         return {"block_n": self.block_n, "splits": self.splits, "num_warps": self.num_warps,
                 "block_m": self.block_m, "num_stages": self.num_stages}
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _groups_per_step(groups_per_split: int, block_n: int) -> int:
+    """Groups per step of the mixed GEMM's loop: a whole split range when it is short (one load of each operand),
+    bounded so the dequantized tile ``[32 GB, BLOCK_N]`` stays within shared memory; else a K step of 128."""
+    if groups_per_split > MAX_GROUPS_PER_SPLIT:
+        return TILED_GROUPS_PER_STEP
+    return max(1, min(_pow2_at_least(groups_per_split), WEIGHT_TILE_ELEMENTS // (32 * block_n)))
 
 
 def _block_m(m: int) -> int:
@@ -446,8 +499,8 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         bias if bias is not None else dummy, y, part, count, m, n, k, xq.stride(0), m * rank, y.stride(0),
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
-        HAS_BIAS=bias is not None, SPLIT=splits > 1, UNROLL=groups_per_split <= MAX_GROUPS_PER_SPLIT,
-        BLOCK_M=block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 
