@@ -121,6 +121,31 @@ def test_errors_exit_2_with_a_message(argv, fragments, capsys):
         assert fragment in err
 
 
+def test_no_config_files_prints_usage_and_exits_2(capsys):
+    code, out, err = exit_of([], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: ") and "no config files given" in err and "Traceback" not in err
+    code, out, _ = exit_of(["--dump-config"], capsys)  # the defaults can still be printed
+    assert code == 0 and "pipeline:" in out
+
+
+@pytest.mark.parametrize(("app", "message"), [
+    ("deepcompressor.app.diffusion.ptq_infinity", "no config files given"),
+    ("deepcompressor.app.diffusion.calibrate_cache_quantization", "no config files given"),
+    ("evaluation.activations_measurements", "no config files given"),
+    ("evaluation.benchmark_assembled_model", "required"),  # its own required flag is reported first
+])
+def test_every_app_without_config_files_exits_2_before_any_work(app, message, capsys):
+    import importlib
+
+    main = importlib.import_module(app).main
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and message in err and "Traceback" not in err
+
+
 def test_bad_yaml_file_exits_2_naming_it(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("quant:\n  wgts: {dtype: sint4\n")

@@ -180,7 +180,7 @@ def test_artifacts_become_w4a4_layers_that_compute_the_fake_quant_model(tmp_path
 
 def test_artifacts_of_another_architecture_are_refused(tmp_path, capsys):
     _write_tiny_artifacts(tmp_path / "art")
-    argv = ["--pipeline-arch", "2b", "--pipeline-random-init", "--pipeline-device", "cpu", "--artifacts",
-            str(tmp_path / "art")]
+    argv = ["configs/svdquant/int4.yaml", "--pipeline-arch", "2b", "--pipeline-random-init", "--pipeline-device",
+            "cpu", "--artifacts", str(tmp_path / "art")]
     assert main(argv) == 2
     assert "made for Infinity-tiny" in capsys.readouterr().err

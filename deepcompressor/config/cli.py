@@ -201,8 +201,8 @@ def parse_cli(
 
     ``add_arguments(parser)`` adds the app's extra flags. The returned namespace holds those plus
     ``config_files`` (the YAML files as given, e.g. for :func:`deepcompressor.config.run_dir`). Handles
-    ``--dump-config`` (prints YAML, exits 0) and every config error (message naming file/flag and dotted key,
-    exit code 2).
+    ``--dump-config`` (prints YAML, exits 0), no config files (usage, exit code 2) and every config error (message
+    naming file/flag and dotted key, exit code 2).
     """
     parser = build_parser(prog, description)
     if add_arguments is not None:
@@ -225,6 +225,11 @@ def parse_cli(
         cfg = resolve_layers(layers)
     except ConfigError as error:
         _fail(parser, [str(issue) for issue in error.issues])
+    if not namespace.config_files and not namespace.dump_config:
+        # A run with nothing chosen is almost always a mistake (a run directory and minutes of work follow).
+        parser.print_usage(sys.stderr)
+        parser.exit(2, f"{parser.prog}: error: no config files given; start from a model, e.g. "
+                       f"configs/models/infinity-tiny.yaml configs/svdquant/int4.yaml\n")
     if namespace.dump_config:
         sys.stdout.write(config_to_yaml(cfg))
         sys.stdout.flush()
