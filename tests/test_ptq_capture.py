@@ -11,6 +11,7 @@ from deepcompressor.app.diffusion import capture as capture_module
 from deepcompressor.app.diffusion.calibrate_blocks import ReplayPlan, SampleSelection, replay_block
 from deepcompressor.app.diffusion.capture import (
     CaptureSettings,
+    PromptFileError,
     capture_prompt,
     load_or_capture,
     load_prompt_set,
@@ -157,7 +158,7 @@ def test_prompt_offsets_and_errors(tmp_path):
     assert load_prompt_set("qdiff", 512, 2)[0][0] == load_prompt_set("qdiff", 0, 514)[512][0]
     with pytest.raises(ValueError, match="holds 1024"):
         load_prompt_set("qdiff", 1023, 2)
-    with pytest.raises(FileNotFoundError, match="collect.prompts"):
+    with pytest.raises(PromptFileError, match="collect.prompts"):
         load_prompt_set(str(tmp_path / "nope.yaml"), 0, 1)
 
 
@@ -170,3 +171,66 @@ def test_load_prompt_set_from_a_yaml_file_and_its_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="mapping of id: caption"):
         load_prompt_set(str(tmp_path / "list.yaml"), 0, 1)
+
+
+# ------------------------------------------------------------------------------------------------ prompt files
+
+
+def test_prompt_ids_and_captions_are_kept_as_text(tmp_path):
+    from deepcompressor.app.diffusion.capture import load_prompt_set
+
+    path = tmp_path / "p.yaml"
+    path.write_text("0512: a red fox\n'7': 'null'\nyes: 12\n0x1F: 'quoted: caption'\n", encoding="utf-8")
+    assert load_prompt_set(str(path), 0, 4) == [("0512", "a red fox"), ("7", "null"), ("yes", "12"),
+                                                ("0x1F", "quoted: caption")]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("a: one\nb:\n", "line 2: empty caption for id 'b'"),
+    ("a: one\nb: ~\n", "empty caption for id 'b'"),
+    ("a: one\nb: '  '\n", "empty caption for id 'b'"),
+    ("a: one\nb: two\na: three\n", "line 3: duplicate id 'a' (first on line 1)"),
+    ("a: [one, two]\n", "the caption of id 'a' must be text"),
+    ("a: one\n  b: : two\n", "invalid YAML"),
+    ("- a\n- b\n", "non-empty mapping"),
+])
+def test_prompt_file_errors_name_the_file_and_id(tmp_path, text, fragment):
+    from deepcompressor.app.diffusion.capture import load_prompt_set
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(PromptFileError) as error:
+        load_prompt_set(str(path), 0, 1)
+    assert str(path) in str(error.value) and fragment in str(error.value)
+
+
+def test_ptq_with_too_few_held_out_prompts_stops_before_building_the_model(tmp_path, capsys, monkeypatch):
+    import infinity.pipeline
+
+    from deepcompressor.app.diffusion import ptq_infinity
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("".join(f"p{i}: caption {i}\n" for i in range(6)), encoding="utf-8")
+    code = ptq_infinity.main(["configs/models/infinity-tiny.yaml", "configs/svdquant/int4.yaml", "--collect-prompts",
+                              str(prompts), "--collect-num-prompts", "2", "--eval-prompt-offset", "5",
+                              "--eval-num-prompts", "4", "--output-root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and not built
+    assert err.count("\n") == 1 and "eval.prompt_offset" in err and "holds 6" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_kv_calibration_with_a_bad_prompt_file_stops_before_building_the_model(tmp_path, capsys, monkeypatch):
+    import infinity.pipeline
+
+    from deepcompressor.app.diffusion import calibrate_cache_quantization
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("a: one\na: two\n", encoding="utf-8")
+    code = calibrate_cache_quantization.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts)])
+    err = capsys.readouterr().err
+    assert code == 2 and not built and "duplicate id 'a'" in err and err.count("\n") == 1

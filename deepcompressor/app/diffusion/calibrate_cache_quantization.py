@@ -37,7 +37,7 @@ from ...config import config_to_dict, parse_cli, save_config
 from ...config.schema import RunConfig
 from ...nn.kv_cache import CALIB_FORMAT, KVRecorder, kv_model_identity, validate_kv_calibration
 from ...utils.files import save_pt, write_json
-from .capture import CaptureSettings, load_prompt_set, weights_fingerprint
+from .capture import CaptureSettings, PromptFileError, load_prompt_set, weights_fingerprint
 
 __all__ = ["PROG", "KVCalibrationResult", "KVCalibrationRunError", "calibrate_kv", "main", "run_calibration"]
 
@@ -225,6 +225,11 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(PROG, argv, description="Calibrate the static INT8/INT4 KV-cache quantizers of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)  # before any model is built
+    except PromptFileError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     try:
         result = run_calibration(cfg)
     except (KVCalibrationRunError, FileNotFoundError, ValueError) as error:

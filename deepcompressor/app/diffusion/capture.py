@@ -41,11 +41,13 @@ __all__ = [
     "CAPTURE_FORMAT",
     "CaptureSettings",
     "PromptCapture",
+    "PromptFileError",
     "capture_key_data",
     "capture_prompt",
     "load_or_capture",
     "load_prompt_set",
     "model_identity",
+    "parse_prompt_yaml",
     "weights_fingerprint",
 ]
 
@@ -58,22 +60,59 @@ _FINGERPRINT_SAMPLES = 1024
 # ------------------------------------------------------------------------------------------------ prompts
 
 
+class PromptFileError(ValueError):
+    """A prompt set that cannot be used; the message names the config key, the file and the id."""
+
+
+def parse_prompt_yaml(text: str, source: str, key: str = "collect.prompts") -> list[tuple[str, str]]:
+    """``(id, caption)`` pairs of a YAML ``id: caption`` mapping, in file order, both kept as written: YAML would
+    read an id like ``0512`` as the octal number 330, silently keep the last of two equal ids, and turn an empty
+    caption into the prompt "None"."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise PromptFileError(f"{key}: {source}: invalid YAML{line}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        raise PromptFileError(f"{key}: {source} must be a non-empty mapping of id: caption")
+    prompts, seen = [], {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or not key_node.value.strip():
+            raise PromptFileError(f"{key}: {source} line {key_node.start_mark.line + 1}: an id must be a plain "
+                                  "non-empty scalar")
+        pid = key_node.value.strip()
+        line = key_node.start_mark.line + 1
+        if pid in seen:
+            raise PromptFileError(f"{key}: {source} line {line}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = line
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise PromptFileError(f"{key}: {source} line {line}: the caption of id {pid!r} must be text")
+        caption = value_node.value.strip()
+        if not caption or (value_node.tag == "tag:yaml.org,2002:null" and value_node.style is None):
+            raise PromptFileError(f"{key}: {source} line {line}: empty caption for id {pid!r}")
+        prompts.append((pid, caption))
+    return prompts
+
+
 def load_prompt_set(spec: str, offset: int, count: int, key: str = "collect.prompts") -> list[tuple[str, str]]:
-    """``count`` ``(id, caption)`` pairs from index ``offset`` of a built-in prompt set or a YAML ``id: caption`` file."""
+    """``count`` ``(id, caption)`` pairs from index ``offset`` of a built-in prompt set or a YAML ``id: caption`` file
+    (``parse_prompt_yaml``); every problem is a ``PromptFileError`` naming ``key`` and the file."""
     builtin = resources.files("deepcompressor") / "data" / "prompts" / f"{spec}.yaml"
     if builtin.is_file():
         source, text = f"built-in prompt set {spec!r}", builtin.read_text(encoding="utf-8")
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"{key}: {spec!r} is neither a built-in prompt set nor a YAML file")
-        source, text = str(path), path.read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{key}: {source} must be a non-empty mapping of id: caption")
-    prompts = [(str(k), str(caption).strip()) for k, caption in data.items()]
-    if offset + count > len(prompts):
-        raise ValueError(f"{key}: prompts {offset}..{offset + count - 1} requested, but {source} holds {len(prompts)}")
+            raise PromptFileError(f"{key}: {spec!r} is neither a built-in prompt set nor a YAML file")
+        try:
+            source, text = str(path), path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise PromptFileError(f"{key}: {path}: cannot be read ({error})") from None
+    prompts = parse_prompt_yaml(text, source, key)
+    if offset < 0 or count < 0 or offset + count > len(prompts):
+        raise PromptFileError(f"{key}: prompts {offset}..{offset + count - 1} requested, but {source} holds "
+                              f"{len(prompts)}")
     return prompts[offset : offset + count]
 
 

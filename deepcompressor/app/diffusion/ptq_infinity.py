@@ -46,7 +46,7 @@ from .calibrate_blocks import (
     replay_block,
     validate_block_state,
 )
-from .capture import CaptureSettings, load_or_capture, load_prompt_set, model_identity
+from .capture import CaptureSettings, PromptFileError, load_or_capture, load_prompt_set, model_identity
 from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
 
 __all__ = ["PROG", "PTQError", "PTQResult", "main", "run_ptq"]
@@ -198,6 +198,13 @@ def _method_summary(cfg: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------------ the run
 
 
+def check_prompt_ranges(cfg: RunConfig) -> None:
+    """The calibration and held-out prompt ranges exist in ``collect.prompts`` (raises ``PromptFileError``; cheap,
+    so it runs before any model is built)."""
+    load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
+    load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts, key="eval.prompt_offset")
+
+
 def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = None,
             on_block_done: Callable[[int], None] | None = None) -> PTQResult:
     """Quantize the model of ``cfg`` into ``out_dir`` (resuming a run of the same configuration there).
@@ -208,9 +215,10 @@ def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = Non
     """
     from infinity.pipeline import pipeline_from_config
 
+    check_quant_config(cfg)
+    check_prompt_ranges(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_quant_config(cfg)
     with _log_file(out_dir / LOG_FILE):
         return _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done)
 
@@ -324,6 +332,11 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_cli(PROG, argv, description="Post-training quantization (SVDQuant W4A4) of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        check_prompt_ranges(cfg)
+    except PromptFileError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     out_dir = run_dir(cfg, args.config_files)
     try:
         result = run_ptq(cfg, out_dir)
