@@ -105,3 +105,37 @@ def test_gptq_hessian_defaults_to_all_tokens_and_accepts_an_accumulated_one():
     assert not torch.equal(few.linears[0].qweight.codes, default.linears[0].qweight.codes)
     with pytest.raises(ValueError, match="Hessian"):
         calibrate_linear(w, None, x, cfg, hessian=hessian[:5, :5])
+
+
+# ------------------------------------------------------------------------------------------------ bad values
+
+
+def _svdquant_cfg(scale_dtype="float16"):
+    from deepcompressor.config.schema import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+
+    cfg = QuantConfig(wgts=WeightQuantConfig(dtype="sint4", group_size=64),
+                      ipts=ActivationQuantConfig(dtype="sint4", group_size=64, scale_dtype=scale_dtype))
+    cfg.smooth.enabled = True
+    cfg.low_rank.enabled = True
+    cfg.low_rank.rank = 4
+    return cfg
+
+
+def test_non_finite_bias_is_refused_naming_the_layer():
+    from deepcompressor.calib.layer import calibrate_linear
+
+    w, x = torch.randn(32, 128), torch.randn(64, 128)
+    with pytest.raises(ValueError, match=r"blk\.fc\[0\]: bias contains NaN or Inf"):
+        calibrate_linear(w, torch.full((32,), float("nan")), x, _svdquant_cfg(), name="blk.fc")
+
+
+def test_inputs_beyond_the_scale_dtype_fail_clearly_or_calibrate_with_float32_scales():
+    from deepcompressor.calib.layer import calibrate_linear
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 128, generator=gen), torch.randn(64, 128, generator=gen) * 1e30
+    with pytest.raises(ValueError, match=r"blk\.fc: calibration inputs: values up to .* float16 .* scale_dtype"):
+        calibrate_linear(w, None, x, _svdquant_cfg(), name="blk.fc")
+    result = calibrate_linear(w, None, x, _svdquant_cfg("float32"), name="blk.fc")
+    errors = (result.linears[0].error_rtn, result.linears[0].error_final)
+    assert all(0.0 < e < 1.0 for e in errors), errors  # finite: no overflow in the error of 1e31-sized outputs

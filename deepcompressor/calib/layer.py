@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant.formats import resolve_spec
 from ..quant.functional import fake_quantize, quantize
 from ..quant.tensor import QuantTensor
 from .gptq import accumulate_hessian, gptq_quantize
@@ -109,6 +110,23 @@ def _validate_inputs(weights, biases, x, name):
     for i, w in enumerate(weights):
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{name}[{i}]: weight contains NaN or Inf")
+        if biases[i] is not None and not bool(torch.isfinite(biases[i]).all()):
+            raise ValueError(f"{name}[{i}]: bias contains NaN or Inf")
+
+
+def _check_scale_range(t: torch.Tensor, qcfg, what: str) -> None:
+    """A tensor whose range needs scales beyond the scale dtype's largest value would quantize saturated (a
+    relative error near 1) with no error raised: refuse it, naming the layer and the way out."""
+    if qcfg is None or qcfg.dtype is None:
+        return
+    spec = resolve_spec(qcfg)
+    levels = spec.fmt.symmetric_qmax if spec.symmetric else (spec.fmt.qmax - spec.fmt.qmin) / 2
+    largest = float(t.abs().amax()) if t.numel() else 0.0
+    limit = torch.finfo(spec.scale_dtype).max * levels
+    if largest > limit:
+        raise ValueError(f"{what}: values up to {largest:.3g} need {spec.fmt.name} scales above the largest "
+                         f"{str(spec.scale_dtype).removeprefix('torch.')} ({torch.finfo(spec.scale_dtype).max:.3g}); "
+                         "set its scale_dtype to float32 or bring the values into range")
 
 
 def _smoothed_hessian(hessian, x_all, s, device) -> torch.Tensor:
@@ -163,6 +181,11 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
                 s, alpha, beta = found.scale, found.alpha, found.beta
         xs = x if s is None else x / s
         smoothed = weights if s is None else [w * s for w in weights]
+        if quantize_acts:
+            _check_scale_range(xs, icfg, f"{name}: calibration inputs")
+        if quantize_weights:
+            for i, ws in enumerate(smoothed):
+                _check_scale_range(ws, wcfg, f"{name}[{i}]: weight")
 
         input_scale = input_zero = None
         if quantize_acts and icfg.static:

@@ -112,16 +112,19 @@ def calibrate_lowrank(w: torch.Tensor, xs: torch.Tensor | None, wcfg, lr_cfg, *,
     result = None
     best_err = float("inf")
     errors = []
+    # Errors of outputs divided by their largest value: squares of very large outputs would overflow float32.
+    ref = w if xs is None else y_ref
+    unit = ref.abs().amax().clamp_min(torch.finfo(ref.dtype).tiny) if ref.numel() else 1.0
     for it in range(max(1, lr_cfg.num_iters)):
         l1, l2 = lowrank_factors(target, lr_cfg.rank, lr_cfg.svd, factor_dtype)
         residual = w - l1 @ l2
         rq = fake_quantize(residual, wcfg, check=False) if wq_enabled else residual
         if xs is None:
-            err = float(squared_error(rq + l1 @ l2, w))
+            err = float(squared_error((rq + l1 @ l2) / unit, w / unit))
         else:
-            err = float(squared_error(quantized_linear_output(xq, rq, xs, l1, l2), y_ref))
-        errors.append(err)
-        if err < best_err:
+            err = float(squared_error(quantized_linear_output(xq, rq, xs, l1, l2) / unit, y_ref / unit))
+        errors.append(err * float(unit) ** 2)  # reported in the outputs' units (a Python float does not overflow)
+        if result is None or err < best_err:
             best_err = err
             result = LowRankResult(l1.to(factor_dtype), l2.to(factor_dtype), residual, best_iter=it)
         elif lr_cfg.early_stop:

@@ -73,8 +73,10 @@ def squared_error(y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||y - ref|| / ||ref||`` (0 when both are 0)."""
-    num, den = float((y - ref).norm()), float(ref.norm())
+    """``||y - ref|| / ||ref||`` (0 when both are 0), computed on values divided by ``max |ref|`` so that squares of
+    large outputs do not overflow float32."""
+    scale = ref.abs().amax().clamp_min(torch.finfo(ref.dtype).tiny) if ref.numel() else 1.0
+    num, den = float(((y - ref) / scale).norm()), float((ref / scale).norm())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
