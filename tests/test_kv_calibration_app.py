@@ -108,3 +108,42 @@ def test_calibration_through_the_w4a4_model_of_a_ptq_run(tmp_path):
     # The scales serve the quantized model (the K/V-relevant weights are untouched by weight quantization).
     attach_kv_qparams(model, result.path)
     assert detach_kv_qparams(model)
+
+
+def _another_models_file(tiny, path):
+    """A valid calibration file of the tiny architecture whose weight fingerprints are not the tiny model's."""
+    from deepcompressor.bench.w4a4_pipeline import synthetic_kv_calibration
+    from deepcompressor.utils.files import save_pt
+
+    data = synthetic_kv_calibration(tiny.transformer)
+    data["model"] = dict(data["model"], kv_fingerprint="0" * 64, name="someone-else")
+    save_pt(path, data)
+    return path.read_bytes()
+
+
+def test_a_kv_file_of_another_model_is_not_overwritten(tiny, tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    path = Path(cfg.kv.calib_path)
+    path.parent.mkdir(parents=True)
+    before = _another_models_file(tiny, path)
+    with pytest.raises(app.KVOutputInUseError, match="another Infinity-tiny model .*kv_fingerprint.*--force"):
+        app.run_calibration(cfg, pipeline_factory=lambda _: tiny, progress=False)
+    assert path.read_bytes() == before
+    app.run_calibration(cfg, pipeline_factory=lambda _: tiny, progress=False, force=True)
+    assert path.read_bytes() != before
+    # Calibrating the same model again replaces its own file without --force.
+    app.run_calibration(cfg, pipeline_factory=lambda _: tiny, progress=False)
+
+
+def test_a_file_that_is_no_kv_calibration_or_of_another_arch_stops_the_app_before_the_model(tmp_path, capsys,
+                                                                                             monkeypatch):
+    import infinity.pipeline
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    path = tmp_path / "kv.pt"
+    path.write_text("not a torch file")
+    code = app.main([TINY, "--kv-calib-path", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and not built and "not overwriting it" in err and err.count("\n") == 1
+    assert path.read_text() == "not a torch file"

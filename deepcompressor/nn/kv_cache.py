@@ -382,7 +382,8 @@ def load_kv_calibration(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as error:
-        raise KVCalibrationError(f"{path}: cannot be read as a KV calibration file ({error})") from None
+        reason = " ".join(str(error).split())[:160]  # one line: torch's messages span several
+        raise KVCalibrationError(f"{path}: cannot be read as a KV calibration file ({reason})") from None
     return validate_kv_calibration(data, path)
 
 

@@ -87,7 +87,8 @@ def load_pt(path: str | os.PathLike, map_location: str | torch.device = "cpu") -
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot be read as a torch file ({error})") from None
+        reason = " ".join(str(error).split())[:160]  # one line: torch's messages span several
+        raise ValueError(f"{path}: cannot be read as a torch file ({reason})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -35,7 +35,14 @@ from tqdm import tqdm
 from ...calib.kv import KV_DTYPE_BITS, minmax_asymmetric, search_clipping_bounds
 from ...config import config_to_dict, parse_cli, save_config
 from ...config.schema import RunConfig
-from ...nn.kv_cache import CALIB_FORMAT, KVRecorder, kv_model_identity, validate_kv_calibration
+from ...nn.kv_cache import (
+    CALIB_FORMAT,
+    KVCalibrationError,
+    KVRecorder,
+    kv_model_identity,
+    load_kv_calibration,
+    validate_kv_calibration,
+)
 from ...utils.files import save_pt, write_json
 from .capture import CaptureSettings, PromptFileError, load_prompt_set, weights_fingerprint
 
@@ -47,6 +54,34 @@ logger = logging.getLogger(__name__)
 
 class KVCalibrationRunError(RuntimeError):
     """A calibration run that cannot proceed (bad artifact directory, nothing recorded, ...)."""
+
+
+class KVOutputInUseError(KVCalibrationRunError):
+    """``kv.calib_path`` holds a file this run must not overwrite (another model's calibration, or no KV file)."""
+
+
+_IDENTITY_MATCH = ("arch", "kv_fingerprint", "transformer_fingerprint")
+
+
+def check_output_path(path: Path, arch: str, identity: dict | None = None, force: bool = False) -> None:
+    """Refuse to overwrite ``path`` unless it is absent, holds a calibration of this model (``arch`` before the
+    model is built; also its weights' fingerprints once ``identity`` is known), or ``force``."""
+    if force or not path.exists():
+        return
+    hint = "choose another kv.calib_path (--kv-calib-path) or pass --force to overwrite it"
+    try:
+        existing = load_kv_calibration(path)["model"]
+    except KVCalibrationError as error:
+        raise KVOutputInUseError(f"kv.calib_path: {error}; not overwriting it: {hint}") from None
+    if existing.get("arch") != arch:
+        raise KVOutputInUseError(f"kv.calib_path: {path} holds the KV calibration of Infinity-{existing.get('arch')} "
+                                 f"({existing.get('name', '?')}), this run calibrates Infinity-{arch}: {hint}")
+    if identity is not None:
+        differ = [key for key in _IDENTITY_MATCH if key in existing and existing[key] != identity.get(key)]
+        if differ:
+            raise KVOutputInUseError(f"kv.calib_path: {path} holds the KV calibration of another "
+                                     f"Infinity-{arch} model ({existing.get('name', '?')}; {', '.join(differ)} "
+                                     f"differ): {hint}")
 
 
 @dataclass
@@ -159,10 +194,13 @@ def _table(stats: dict, depth: int) -> str:
     return "\n".join(lines)
 
 
-def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = True) -> KVCalibrationResult:
-    """The whole calibration (steps 1-4 of the module docstring); returns the written file and its contents."""
+def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = True,
+                    force: bool = False) -> KVCalibrationResult:
+    """The whole calibration (steps 1-4 of the module docstring); returns the written file and its contents.
+    ``force`` overwrites a ``kv.calib_path`` that holds another model's calibration (see ``check_output_path``)."""
     from infinity.pipeline import pipeline_from_config
 
+    check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, force=force)
     timings = {}
     start = time.perf_counter()
     bundle = _load_artifacts(cfg.kv.artifact_dir) if cfg.kv.artifact_dir else None
@@ -170,6 +208,7 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
     model = pipe.transformer
     identity = kv_model_identity(model)
     identity.update(name=cfg.pipeline.name, transformer_fingerprint=weights_fingerprint(model))
+    check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, identity, force=force)  # before recording
     calibrated_through = {"artifact_dir": None}
     if bundle is not None:
         calibrated_through = _apply_artifacts(model, bundle)
@@ -222,16 +261,26 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
     return KVCalibrationResult(path, data, timings)
 
 
+def _add_arguments(parser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="Overwrite kv.calib_path even if it holds another model's calibration")
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(PROG, argv, description="Calibrate the static INT8/INT4 KV-cache quantizers of Infinity.")
+    cfg, args = parse_cli(PROG, argv, add_arguments=_add_arguments,
+                          description="Calibrate the static INT8/INT4 KV-cache quantizers of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)  # before any model is built
-    except PromptFileError as error:
+        check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, force=args.force)
+    except (PromptFileError, KVOutputInUseError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     try:
-        result = run_calibration(cfg)
+        result = run_calibration(cfg, force=args.force)
+    except KVOutputInUseError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     except (KVCalibrationRunError, FileNotFoundError, ValueError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
