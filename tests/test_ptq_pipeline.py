@@ -60,7 +60,13 @@ def _tensors(directory) -> dict[str, torch.Tensor]:
 
 def test_artifacts_are_written_and_validate(run):
     directory, cfg, printed = run
-    assert printed.strip().splitlines()[-1] == f"artifacts: {directory}"
+    summary = printed.strip().splitlines()
+    start = summary.index(f"artifacts: {directory}")
+    summary = summary[start:]
+    assert "bit agreement" in summary[1] and "round-to-nearest" in summary[2] and summary[3] == "next:"
+    assert [line.split()[2] for line in summary[4:6]] == ["deepcompressor.app.diffusion.calibrate_cache_quantization",
+                                                           "evaluation.benchmark_assembled_model"]
+    assert all(str(directory) in line for line in summary[4:]) and "infinity_w4a4_test.py" in summary[6]
     for name in ("model.pt", "smooth.pt", "branch.pt", "config.yaml", "manifest.json", "fidelity.json",
                  "fidelity.md", "ptq.log"):
         assert (directory / name).is_file(), name

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -346,8 +347,33 @@ def main(argv: list[str] | None = None) -> int:
     t = result.timings
     logger.info("done in %.1f s (collect %.1f s, blocks %.1f s, fidelity %.1f s)", t["total"], t["collect"],
                 sum(b["total"] for b in t["blocks"].values()), t.get("fidelity", 0.0))
-    print(f"artifacts: {result.directory}")
+    print(ptq_summary(result, args.config_files))
     return 0
+
+
+def ptq_summary(result: PTQResult, config_files: list[str]) -> str:
+    """What a finished run produced, how good it is, and what to run next (printed at the end of a run)."""
+    lines = [f"artifacts: {result.directory}"]
+    if result.complete and result.fidelity:
+        model_level = result.fidelity["model_level"]
+        layers = result.fidelity["layers"]
+        lines.append(f"held-out fidelity ({len(result.fidelity['eval']['prompt_ids'])} prompts, teacher-forced on the "
+                     f"full-precision bits): logit relative error {model_level['logit_rel_error']:.4g}, bit agreement "
+                     f"{100 * model_level['bit_agreement']:.2f}% (fidelity.md has it per scale and per layer)")
+        if layers:
+            rtn = statistics.median(r["error_rtn"] for r in layers)
+            final = statistics.median(r["error_final"] for r in layers)
+            lines.append(f"layer output error on the calibration tokens, median of {len(layers)} layers: {final:.4g} "
+                         f"calibrated vs {rtn:.4g} round-to-nearest")
+    chain = " ".join(config_files)
+    lines += ["next:",
+              f"  python -m deepcompressor.app.diffusion.calibrate_cache_quantization {chain} "
+              f"--kv-artifact-dir {result.directory}      # KV-cache scales through this model",
+              f"  python -m evaluation.benchmark_assembled_model {chain} --artifacts {result.directory}"
+              "      # image quality against full precision",
+              f"  python infinity_w4a4_test.py {chain} --artifacts {result.directory}      # real W4A4 kernels: "
+              "latency and memory"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
