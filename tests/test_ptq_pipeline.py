@@ -268,3 +268,18 @@ def test_benchmark_times_blocks_and_extrapolates(tmp_path, capsys):
     assert report["blocks_timed"] == 1 and not report["complete"]
     assert s["calibration_extrapolated"] == pytest.approx(6 * s["blocks"][0])
     assert s["ptq_total_extrapolated"] > s["collect"] + s["calibration_extrapolated"]
+
+
+def test_an_interrupted_start_over_leaves_no_previous_sealed_artifacts(run, tmp_path):
+    directory, cfg, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(directory, copy)
+    load_artifacts(copy)  # a sealed folder loads
+    values = dict(SMALL, **{"output.root": str(tmp_path), "collect.cache_dir": str(cfg.collect.cache_dir),
+                            "output.resume": False})
+    result = run_ptq(load_config(CHAIN, values), copy, max_blocks=1)  # stops before writing artifacts
+    assert not result.complete
+    for name in ("manifest.json", "model.pt", "smooth.pt", "branch.pt", "fidelity.json"):
+        assert not (copy / name).exists(), name
+    with pytest.raises(ArtifactError, match="did not finish"):
+        load_artifacts(copy)

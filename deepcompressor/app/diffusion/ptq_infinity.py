@@ -38,7 +38,7 @@ from ...config import config_to_dict, parse_cli, run_dir
 from ...config.schema import RunConfig
 from ...nn.layer_map import BLOCK_LAYERS, OTHER_LAYERS, layer_kind
 from ...utils.files import load_pt, save_pt, sha256_json, to_cpu, write_json, write_text
-from .artifacts import write_artifacts, write_manifest
+from .artifacts import ARTIFACT_FILES, MANIFEST_FILE, write_artifacts, write_manifest
 from .calibrate_blocks import (
     ReplayPlan,
     SampleSelection,
@@ -122,6 +122,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_REPORT_FILES = ("fidelity.json", "fidelity.md")
+
+
+def _unseal(out_dir: Path) -> None:
+    """Remove a previous run's artifacts, the manifest first: a folder whose new run has not finished must never
+    load as the old run's sealed result."""
+    present = [name for name in (MANIFEST_FILE, *ARTIFACT_FILES, *_REPORT_FILES) if (out_dir / name).exists()]
+    if not present:
+        return
+    logger.info("starting over in %s: removing the previous run's %s", out_dir, ", ".join(present))
+    for name in present:
+        (out_dir / name).unlink()
+
+
 def _prepare_state(state_dir: Path, key_data: dict, resume: bool) -> None:
     """Create the state folder; refuse to mix runs of different configurations in one folder."""
     run_file = state_dir / "run.json"
@@ -137,10 +151,13 @@ def _prepare_state(state_dir: Path, key_data: dict, resume: bool) -> None:
             raise PTQError(f"{state_dir}: holds the state of a run with a different model, calibration data or "
                            f"quant settings (differs in: {', '.join(differing) or 'format'}); choose another "
                            "output.dirname (--output-dirname) or pass --no-output-resume to start this folder over")
-    elif state_dir.exists():
-        if not resume:
-            logger.info("output.resume is false: discarding the state in %s", state_dir)
-        shutil.rmtree(state_dir)
+    else:
+        # A new state: whatever the folder holds from an earlier run is not this run's result.
+        _unseal(state_dir.parent)
+        if state_dir.exists():
+            if not resume:
+                logger.info("output.resume is false: discarding the state in %s", state_dir)
+            shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_file, key_data)
 
@@ -220,6 +237,8 @@ def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = Non
     check_prompt_ranges(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.output.resume:
+        _unseal(out_dir)  # before the model is built: an interrupted start-over leaves no stale sealed folder
     with _log_file(out_dir / LOG_FILE):
         return _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done)
 
