@@ -283,3 +283,24 @@ def test_an_interrupted_start_over_leaves_no_previous_sealed_artifacts(run, tmp_
         assert not (copy / name).exists(), name
     with pytest.raises(ArtifactError, match="did not finish"):
         load_artifacts(copy)
+
+
+def test_config_problems_are_all_reported_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    import infinity.pipeline
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("a: one\nb: two\n", encoding="utf-8")
+    argv = CHAIN + ["--quant-wgts-group-size", "96", "--quant-low-rank-rank", "300", "--quant-wgts-skips",
+                    "ffn_down", "--collect-prompts", str(prompts), "--output-root", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert not built and not (tmp_path / "runs").exists()
+    assert all(line.startswith("ptq_infinity: error: ") for line in err) and "Traceback" not in "".join(err)
+    joined = "\n".join(err)
+    assert "quant.wgts.skips: PTQ quantizes the transformer blocks only; add" in joined  # skips replaced the list
+    assert "quant.wgts.group_size: 96 does not divide the 256 inputs of Infinity-tiny sa_qkv" in joined
+    assert "quant.low_rank.rank: 300 exceeds the smaller side of Infinity-tiny sa_out (256 outputs x 256 inputs)" \
+        in joined
+    assert "collect.prompts: prompts 0..11 requested" in joined and "eval.prompt_offset: prompts 512..515" in joined

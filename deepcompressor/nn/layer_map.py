@@ -22,6 +22,7 @@ __all__ = [
     "BLOCK_LAYERS",
     "OTHER_LAYERS",
     "block_layer_names",
+    "block_linear_shapes",
     "is_block_kind",
     "layer_kind",
     "linear_layers",
@@ -75,6 +76,13 @@ def block_index(name: str, blocks_per_chunk: int) -> int | None:
     """Global block index of a module name inside ``block_chunks.{k}.module.{j}``, or None outside the blocks."""
     match = _BLOCK_NAME.match(name)
     return None if match is None else int(match.group(1)) * blocks_per_chunk + int(match.group(2))
+
+
+def block_linear_shapes(arch) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each block linear kind of an architecture (``infinity.arch`` preset)."""
+    c, hidden = arch.embed_dim, arch.mlp_hidden
+    return {"sa_qkv": (3 * c, c), "sa_out": (c, c), "ca_q": (c, c), "ca_kv": (2 * c, c), "ca_out": (c, c),
+            "ffn_up": (hidden, c), "ffn_down": (c, hidden)}
 
 
 def is_block_kind(kind: str) -> bool:

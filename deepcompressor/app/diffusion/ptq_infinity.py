@@ -87,15 +87,48 @@ class PTQResult:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def check_quant_config(cfg: RunConfig) -> None:
-    """Only the blocks' linears can be quantized: every other kind must be in ``quant.wgts.skips``."""
-    if cfg.quant.wgts.dtype is None:
-        return
+class ConfigCheckError(PTQError):
+    """Problems found in the config before any work: one line each (``lines``)."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def quant_config_problems(cfg: RunConfig) -> list[str]:
+    """Everything about ``quant`` that the architecture alone decides, one line per problem: only block linears
+    are quantized, group sizes divide every quantized layer's inputs, the low-rank rank fits every layer."""
+    from infinity.arch import get_arch
+
+    from ...calib.layer import quant_config_for_kind
+    from ...nn.layer_map import block_linear_shapes
+
+    q = cfg.quant
+    if q.wgts.dtype is None:
+        return []
+    problems = []
     others = sorted(set(OTHER_LAYERS.values()))
-    missing = [kind for kind in others if kind not in cfg.quant.wgts.skips]
+    missing = [kind for kind in others if kind not in q.wgts.skips]
     if missing:
-        raise PTQError(f"quant.wgts.skips: PTQ quantizes the transformer blocks only; add {', '.join(missing)} "
-                       f"(layer kinds outside the blocks: {', '.join(others)})")
+        problems.append(f"quant.wgts.skips: PTQ quantizes the transformer blocks only; add {', '.join(missing)} "
+                        f"(layer kinds outside the blocks: {', '.join(others)})")
+    arch = get_arch(cfg.pipeline.arch)
+    for kind, (n, k) in block_linear_shapes(arch).items():
+        layer = quant_config_for_kind(q, kind)
+        where = f"Infinity-{arch.name} {kind} ({n} outputs x {k} inputs)"
+        for key, quantizer in (("quant.wgts.group_size", layer.wgts), ("quant.ipts.group_size", layer.ipts)):
+            if quantizer.dtype is not None and quantizer.group_size > 0 and k % quantizer.group_size:
+                problems.append(f"{key}: {quantizer.group_size} does not divide the {k} inputs of {where}")
+        if layer.wgts.dtype is not None and q.low_rank.enabled and q.low_rank.rank > min(n, k):
+            problems.append(f"quant.low_rank.rank: {q.low_rank.rank} exceeds the smaller side of {where}")
+    return problems
+
+
+def check_quant_config(cfg: RunConfig) -> None:
+    """Raise ``ConfigCheckError`` listing every problem of ``quant_config_problems``."""
+    problems = quant_config_problems(cfg)
+    if problems:
+        raise ConfigCheckError(problems)
 
 
 @contextmanager
@@ -216,11 +249,24 @@ def _method_summary(cfg: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------------ the run
 
 
+def prompt_range_problems(cfg: RunConfig) -> list[str]:
+    """Whether the calibration and held-out prompt ranges exist in ``collect.prompts``, one line per problem (cheap:
+    it runs before any model is built)."""
+    problems = []
+    for key, offset, count in (("collect.prompts", 0, cfg.collect.num_prompts),
+                               ("eval.prompt_offset", cfg.eval.prompt_offset, cfg.eval.num_prompts)):
+        try:
+            load_prompt_set(cfg.collect.prompts, offset, count, key=key)
+        except PromptFileError as error:
+            if str(error) not in problems:
+                problems.append(str(error))
+    return problems
+
+
 def check_prompt_ranges(cfg: RunConfig) -> None:
-    """The calibration and held-out prompt ranges exist in ``collect.prompts`` (raises ``PromptFileError``; cheap,
-    so it runs before any model is built)."""
-    load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
-    load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts, key="eval.prompt_offset")
+    problems = prompt_range_problems(cfg)
+    if problems:
+        raise ConfigCheckError(problems)
 
 
 def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = None,
@@ -352,10 +398,11 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_cli(PROG, argv, description="Post-training quantization (SVDQuant W4A4) of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        check_prompt_ranges(cfg)
-    except PromptFileError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+    # Everything that can be checked without a model, all at once, before anything is built or written.
+    problems = quant_config_problems(cfg) + prompt_range_problems(cfg)
+    if problems:
+        for line in problems:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
     out_dir = run_dir(cfg, args.config_files)
     try:
