@@ -328,8 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Outlier statistics of the linear-layer inputs and of the KV cache of an Infinity model.",
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from infinity.checkpoints import CheckpointError
+
+    from deepcompressor.app.diffusion.preflight import exit_on_problems, pipeline_path_problems
+
+    exit_on_problems(PROG, pipeline_path_problems(cfg.pipeline))
     out_dir = Path(args.out) if args.out else diagnostics_dir(cfg)
-    paths = run(cfg, out_dir)
+    try:
+        paths = run(cfg, out_dir)
+    except CheckpointError as error:
+        exit_on_problems(PROG, [" ".join(str(error).split())])
     for key, path in paths.items():
         logger.info("wrote %s: %s", key, path)
     return 0

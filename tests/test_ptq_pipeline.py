@@ -304,3 +304,35 @@ def test_config_problems_are_all_reported_before_any_model_is_built(tmp_path, ca
     assert "quant.low_rank.rank: 300 exceeds the smaller side of Infinity-tiny sa_out (256 outputs x 256 inputs)" \
         in joined
     assert "collect.prompts: prompts 0..11 requested" in joined and "eval.prompt_offset: prompts 512..515" in joined
+
+
+@pytest.mark.parametrize("app", ["deepcompressor.app.diffusion.ptq_infinity",
+                                 "deepcompressor.app.diffusion.calibrate_cache_quantization",
+                                 "evaluation.activations_measurements"])
+def test_missing_checkpoint_paths_stop_every_app_before_the_model(app, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    import infinity.pipeline
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    argv = ["configs/models/infinity-tiny.yaml", "--pipeline-transformer-path", str(tmp_path / "nope.pth"),
+            "--output-root", str(tmp_path / "runs")]
+    main_fn = importlib.import_module(app).main
+    try:
+        code = main_fn(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and not built and not (tmp_path / "runs").exists()
+    assert f"pipeline.transformer_path: {tmp_path / 'nope.pth'} does not exist" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_the_wrong_shape_is_one_line_in_ptq(tmp_path, capsys):
+    bogus = tmp_path / "other.pth"
+    torch.save({"not_a_layer.weight": torch.ones(2, 2)}, bogus)
+    argv = ["configs/models/infinity-tiny.yaml", "configs/svdquant/int4.yaml", "--pipeline-transformer-path",
+            str(bogus), "--pipeline-device", "cpu", "--output-root", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bogus) in err and "Traceback" not in err

@@ -45,6 +45,7 @@ from ...nn.kv_cache import (
 )
 from ...utils.files import save_pt, write_json
 from .capture import CaptureSettings, PromptFileError, load_prompt_set, weights_fingerprint
+from .preflight import exit_on_problems, pipeline_path_problems
 
 __all__ = ["PROG", "KVCalibrationResult", "KVCalibrationRunError", "calibrate_kv", "main", "run_calibration"]
 
@@ -270,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_cli(PROG, argv, add_arguments=_add_arguments,
                           description="Calibrate the static INT8/INT4 KV-cache quantizers of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    try:
-        load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)  # before any model is built
-        check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, force=args.force)
-    except (PromptFileError, KVOutputInUseError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    problems = pipeline_path_problems(cfg.pipeline)  # before any model is built
+    for check in (lambda: load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts),
+                  lambda: check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, force=args.force)):
+        try:
+            check()
+        except (PromptFileError, KVOutputInUseError) as error:
+            problems.append(str(error))
+    exit_on_problems(PROG, problems)
     try:
         result = run_calibration(cfg, force=args.force)
     except KVOutputInUseError as error:

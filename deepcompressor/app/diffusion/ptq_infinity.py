@@ -48,6 +48,7 @@ from .calibrate_blocks import (
     validate_block_state,
 )
 from .capture import CaptureSettings, PromptFileError, load_or_capture, load_prompt_set, model_identity
+from .preflight import pipeline_path_problems
 from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
 
 __all__ = ["PROG", "PTQError", "PTQResult", "main", "run_ptq"]
@@ -398,8 +399,10 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
 def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_cli(PROG, argv, description="Post-training quantization (SVDQuant W4A4) of Infinity.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from infinity.checkpoints import CheckpointError
+
     # Everything that can be checked without a model, all at once, before anything is built or written.
-    problems = quant_config_problems(cfg) + prompt_range_problems(cfg)
+    problems = pipeline_path_problems(cfg.pipeline) + quant_config_problems(cfg) + prompt_range_problems(cfg)
     if problems:
         for line in problems:
             print(f"{PROG}: error: {line}", file=sys.stderr)
@@ -407,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = run_dir(cfg, args.config_files)
     try:
         result = run_ptq(cfg, out_dir)
+    except CheckpointError as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except PTQError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
