@@ -143,7 +143,9 @@ def test_a_file_that_is_no_kv_calibration_or_of_another_arch_stops_the_app_befor
     monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
     path = tmp_path / "kv.pt"
     path.write_text("not a torch file")
-    code = app.main([TINY, "--kv-calib-path", str(path)])
+    with pytest.raises(SystemExit) as stop:
+        app.main([TINY, "--kv-calib-path", str(path)])
+    code = stop.value.code
     err = capsys.readouterr().err
     assert code == 2 and not built and "not overwriting it" in err and err.count("\n") == 1
     assert path.read_text() == "not a torch file"

@@ -231,6 +231,8 @@ def test_kv_calibration_with_a_bad_prompt_file_stops_before_building_the_model(t
     monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
     prompts = tmp_path / "p.yaml"
     prompts.write_text("a: one\na: two\n", encoding="utf-8")
-    code = calibrate_cache_quantization.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts)])
+    with pytest.raises(SystemExit) as stop:
+        calibrate_cache_quantization.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts)])
+    code = stop.value.code
     err = capsys.readouterr().err
     assert code == 2 and not built and "duplicate id 'a'" in err and err.count("\n") == 1
