@@ -84,6 +84,14 @@ def test_unexpected_tensor_is_named(golden_sd, tmp_path):
         load_transformer(save(sd, tmp_path / "x.pth"), "tiny_p0", device="cpu")
 
 
+def test_non_finite_tensor_is_named(golden_sd, tmp_path):
+    sd = dict(golden_sd)
+    sd["block_chunks.0.module.1.ffn.fc2.weight"] = sd["block_chunks.0.module.1.ffn.fc2.weight"].clone()
+    sd["block_chunks.0.module.1.ffn.fc2.weight"][3, 4] = float("nan")
+    with pytest.raises(CheckpointError, match=r"NaN or Inf values in: block_chunks\.0\.module\.1\.ffn\.fc2\.weight"):
+        load_transformer(save(sd, tmp_path / "x.pth"), "tiny_p0", device="cpu")
+
+
 def test_misshaped_tensor_is_named(golden_sd, tmp_path):
     sd = dict(golden_sd)
     sd["head.weight"] = torch.zeros(10, 64)

@@ -181,6 +181,20 @@ def test_loader_rejects_a_missing_file(copy):
         load_artifacts(copy)
 
 
+def test_loader_rejects_non_finite_values_naming_the_tensor(copy):
+    from deepcompressor.utils.files import save_pt, sha256_file
+
+    data = load_pt(copy / "branch.pt")
+    layer = sorted(data["branches"])[0]
+    data["branches"][layer]["l1"][0, 0] = float("inf")
+    save_pt(copy / "branch.pt", data)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["branch.pt"]["sha256"] = sha256_file(copy / "branch.pt")  # sealed as a bad run would be
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=rf"branch\.pt: NaN or Inf values in branches\.{layer}\.l1"):
+        load_artifacts(copy)
+
+
 def test_loader_rejects_a_config_that_does_not_match_the_manifest(copy):
     from deepcompressor.utils.files import sha256_file
 

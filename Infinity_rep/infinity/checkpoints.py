@@ -235,7 +235,7 @@ def load_transformer(
     model = build_meta_model(arch)
     expected = _meta_entries(model)
     loaded: set[str] = set()
-    unexpected, mismatched = [], []
+    unexpected, mismatched, nonfinite = [], [], []
     for shard, tensors in read_state_dict_shards(path):
         logger.info("reading %s (%d tensors)", shard, len(tensors))
         for name in list(tensors):
@@ -254,7 +254,10 @@ def load_transformer(
             if not tensor.is_floating_point():
                 mismatched.append(f"{name} (dtype {tensor.dtype}, expected a floating-point tensor)")
                 continue
-            set_tensor(model, name, _to_target(tensor, device, tensor_dtype(name, block_dtype)))
+            value = _to_target(tensor, device, tensor_dtype(name, block_dtype))
+            if not bool(torch.isfinite(value).all()):  # would surface much later as NaN bits, naming nothing
+                nonfinite.append(f"{name} (in {shard.name})")
+            set_tensor(model, name, value)
             loaded.add(name)
         del tensors
     missing = []
@@ -272,6 +275,8 @@ def load_transformer(
     ]
     if problems:
         raise CheckpointError(f"{path}: does not match the Infinity-{arch.name} architecture; " + "; ".join(problems))
+    if nonfinite:
+        raise CheckpointError(f"{path}: " + _describe("NaN or Inf values in", nonfinite))
     logger.info("loaded Infinity-%s from %s (blocks in %s on %s)", arch.name, path, block_dtype, device)
     return model
 

@@ -238,6 +238,18 @@ def _compare_config(expected: RunConfig, actual: RunConfig, directory: Path) -> 
         _fail(f"{directory}: the artifacts were made with a different configuration (differs in {', '.join(diffs)})")
 
 
+def _non_finite_tensors(value, prefix: str = "") -> list[str]:
+    """Dotted keys of the floating-point tensors holding NaN or Inf anywhere in nested dicts / lists."""
+    if isinstance(value, torch.Tensor):
+        return [prefix or "<tensor>"] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    if isinstance(value, dict):
+        return [k for key, item in value.items() for k in _non_finite_tensors(item, f"{prefix}.{key}" if prefix
+                                                                               else str(key))]
+    if isinstance(value, (list, tuple)):
+        return [k for i, item in enumerate(value) for k in _non_finite_tensors(item, f"{prefix}[{i}]")]
+    return []
+
+
 def load_artifacts(directory: str | Path, expected_config: RunConfig | None = None) -> ArtifactBundle:
     """Load and validate an artifact directory; with ``expected_config`` its model identity and ``quant``
     section must match the artifacts' config. Raises :class:`ArtifactError` naming the problem."""
@@ -287,6 +299,11 @@ def load_artifacts(directory: str | Path, expected_config: RunConfig | None = No
     for name in list(scales) + list(branches):
         if name not in layers:
             _fail(f"{directory}: {name} has smoothing or low-rank factors but is not a quantized layer of model.pt")
+    for file, data in ((MODEL_FILE, model_data), (SMOOTH_FILE, smooth_data), (BRANCH_FILE, branch_data)):
+        bad = _non_finite_tensors(data)
+        if bad:
+            shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+            _fail(f"{directory / file}: NaN or Inf values in {shown}")
     bundle = ArtifactBundle(directory, manifest, config, layers, params, scales, branches)
     for name, entry in layers.items():
         try:
