@@ -13,7 +13,7 @@ artifact directory with its own fidelity report; the captured calibration data i
 - ``w16``: the SVDQuant weight pipeline with 16-bit activations (W4A16 control).
 
 Prints a markdown table sorted by logit relative error (lower is better) with the bit agreement; ``--json PATH``
-writes the numbers.
+writes the numbers. Each method starts its run folder over (``output.resume: false``) unless ``--resume``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-root", default="", help="output.root of the runs (default: the config's)")
     parser.add_argument("--device", default="", help="pipeline.device (default: the config's)")
     parser.add_argument("--json", default="", help="write the rows as JSON here")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse finished or interrupted runs of the same config (default: start each run over)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:  # each run's ptq.log keeps the details
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    overrides = {}
+    # Every method runs from scratch (the seconds column times what it says), unless --resume.
+    overrides = {"output.resume": bool(args.resume)}
     if args.output_root:
         overrides["output.root"] = args.output_root
     if args.device:
