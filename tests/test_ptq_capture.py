@@ -236,3 +236,17 @@ def test_kv_calibration_with_a_bad_prompt_file_stops_before_building_the_model(t
     code = stop.value.code
     err = capsys.readouterr().err
     assert code == 2 and not built and "duplicate id 'a'" in err and err.count("\n") == 1
+
+
+def test_non_finite_calibration_activations_are_refused_naming_the_prompt_and_scale():
+    from deepcompressor.app.diffusion.capture import CaptureError, check_capture_finite
+
+    text = {"ca_kv": torch.zeros(3, 4), "gss": torch.zeros(1, 1, 6, 4)}
+    xs = [torch.zeros(1, 1, 4), torch.zeros(1, 4, 4)]
+    check_capture_finite(xs, text, "a fox")
+    xs[1][0, 2, 1] = float("nan")
+    with pytest.raises(CaptureError, match=r"'a fox': the block inputs of scale 1 have NaN or Inf"):
+        check_capture_finite(xs, text, "a fox")
+    text["gss"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(CaptureError, match=r"text conditioning \(gss\)"):
+        check_capture_finite(xs, text, "a fox")

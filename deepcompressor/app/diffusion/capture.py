@@ -39,10 +39,12 @@ from ...utils.files import load_pt, save_pt, sha256_json, write_json
 
 __all__ = [
     "CAPTURE_FORMAT",
+    "CaptureError",
     "CaptureSettings",
     "PromptCapture",
     "PromptFileError",
     "capture_key_data",
+    "check_capture_finite",
     "capture_prompt",
     "load_or_capture",
     "load_prompt_set",
@@ -279,7 +281,26 @@ def capture_prompt(model, text_encoder, caption: str, settings: CaptureSettings,
         handle.remove()
     if len(xs) != settings.num_scales:
         raise RuntimeError(f"captured {len(xs)} scales, expected {settings.num_scales}")
+    check_capture_finite(xs, text, caption)
     return PromptCapture(xs, text["ca_kv"], text["lens"], text["gss"])
+
+
+class CaptureError(ValueError):
+    """Calibration activations that cannot be used (non-finite values); the message names the prompt and tensor."""
+
+
+def check_capture_finite(xs: list[torch.Tensor], text: dict, caption: str) -> None:
+    """NaN / Inf in the first block's inputs or the text conditioning would poison every calibrated layer and show
+    up only as NaN scales: stop here, naming the prompt and the scale."""
+    short = caption if len(caption) <= 60 else caption[:57] + "..."
+    for name in ("ca_kv", "gss"):
+        if not bool(torch.isfinite(text[name]).all()):
+            raise CaptureError(f"calibration prompt {short!r}: the text conditioning ({name}) has NaN or Inf values "
+                               "(check the text encoder's weights)")
+    for si, x in enumerate(xs):
+        if not bool(torch.isfinite(x).all()):
+            raise CaptureError(f"calibration prompt {short!r}: the block inputs of scale {si} have NaN or Inf values "
+                               "(check the transformer's weights)")
 
 
 def capture_key_data(identity: dict, prompts: list[tuple[str, str]], settings: CaptureSettings) -> dict:

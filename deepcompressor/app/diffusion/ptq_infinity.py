@@ -47,7 +47,7 @@ from .calibrate_blocks import (
     replay_block,
     validate_block_state,
 )
-from .capture import CaptureSettings, PromptFileError, load_or_capture, load_prompt_set, model_identity
+from .capture import CaptureError, CaptureSettings, PromptFileError, load_or_capture, load_prompt_set, model_identity
 from .preflight import pipeline_path_problems
 from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
 
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = run_dir(cfg, args.config_files)
     try:
         result = run_ptq(cfg, out_dir)
-    except CheckpointError as error:
+    except (CheckpointError, CaptureError) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except PTQError as error:
