@@ -185,7 +185,7 @@ def test_loader_rejects_non_finite_values_naming_the_tensor(copy):
     from deepcompressor.utils.files import save_pt, sha256_file
 
     data = load_pt(copy / "branch.pt")
-    layer = sorted(data["branches"])[0]
+    layer = min(data["branches"])
     data["branches"][layer]["l1"][0, 0] = float("inf")
     save_pt(copy / "branch.pt", data)
     manifest = json.loads((copy / "manifest.json").read_text())

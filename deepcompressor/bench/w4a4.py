@@ -217,12 +217,12 @@ def kernel_profile(bench: ShapeBench, backend: str, x: torch.Tensor, calls: int 
     from torch.profiler import ProfilerActivity, profile
 
     if backend == "bf16":
-        fn = lambda: torch.nn.functional.linear(x, bench.linear.weight, bench.linear.bias)  # noqa: E731
+        fn = lambda: torch.nn.functional.linear(x, bench.linear.weight, bench.linear.bias)
     elif backend == "int":
-        fn = lambda: _int_forward(bench.w4a4, x)  # noqa: E731
+        fn = lambda: _int_forward(bench.w4a4, x)
     else:
         bench.w4a4.backend = backend
-        fn = lambda: bench.w4a4(x)  # noqa: E731
+        fn = lambda: bench.w4a4(x)
     with torch.no_grad():
         fn()
         torch.cuda.synchronize(bench.device)

@@ -119,7 +119,7 @@ def _check_mixed(fake, real, x: torch.Tensor, tokens: int) -> dict:
     k = x.shape[1]
     xd = x.to(dtype)
     smooth, l2t = real._cast("smooth_scale", dtype), real._cast("lowrank_l2t", dtype)
-    xq_ref, down_ref = fake_quant_activations_torch(xd, real.ispec, smooth=smooth, l2t=l2t)
+    xq_ref, _ = fake_quant_activations_torch(xd, real.ispec, smooth=smooth, l2t=l2t)
     xs = xd / smooth
     exact = (xq_ref.double() @ fake.main_weight(dtype).double().t()
              + (xs.double() @ l2t.double()) @ real._cast("lowrank_l1t", dtype).double()

@@ -31,7 +31,7 @@ import torch
 from ..quant.core import num_groups
 from ..quant.formats import QuantSpec
 from ..quant.functional import quantize
-from .triton_utils import SCALE_KINDS, HAS_TRITON, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
+from .triton_utils import HAS_TRITON, SCALE_KINDS, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
 from .w4a4_layout import GROUP, check_group_multiple, unpack_weight
 
 __all__ = [

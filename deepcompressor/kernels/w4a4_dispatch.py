@@ -11,8 +11,8 @@ Backends (``W4A4Linear(backend=...)``):
 - ``dequant``: activations fake-quantized into ``[xq | down]``, the layer's weights dequantized into a reusable
   workspace ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
 - ``torch``: the PyTorch path of ``kernels.w4a4`` (CPU).
-- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape and dtype,
-  measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
+- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape
+  and dtype, measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
   ``~/.cache/var-compressor``); float32 activations take ``int``; CPU tensors ``torch``. While a CUDA graph is being
   captured nothing is timed: an unmeasured shape takes the rule ``gemv`` up to 64 rows, else ``dequant``.
   ``VAR_COMPRESSOR_W4A4_TUNE=0`` always takes that rule.

@@ -194,7 +194,7 @@ if HAS_TRITON:
         out = OUT + rn64[:, None] * stride_on + (group * 64 + c % 32)[None, :]
         tl.store(out, round_to(lo * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
         tl.store(out + 32, round_to(hi * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
-        if HAS_LOWRANK:
+        if HAS_LOWRANK:  # noqa: SIM102 - a compile-time switch around a run-time test
             if pid_g == 0:
                 ranks = tl.arange(0, RANK)
                 l1 = tl.load(L1T + ranks[None, :] * N + rn[:, None], mask=n_mask[:, None], other=0.0)
@@ -331,7 +331,8 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
         static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
         out, down, m, k, x2d.stride(0), out.stride(0), m * rank, down.stride(0) if partial is None else rank, gpc,
-        min(gpc, ACT_GROUPS_PER_LOAD), X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+        min(gpc, ACT_GROUPS_PER_LOAD), X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None,
+        HAS_LOWRANK=l2t is not None, RANK=rank,
         LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), DOWN_ROUND=partial is None,
         **_quant_flags(spec, static_scale is not None), BLOCK_M=block_m, num_warps=4,
     )
@@ -500,7 +501,8 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 

@@ -48,8 +48,8 @@ from .calibrate_blocks import (
     validate_block_state,
 )
 from .capture import CaptureError, CaptureSettings, PromptFileError, load_or_capture, load_prompt_set, model_identity
-from .preflight import pipeline_path_problems
 from .fidelity import FidelityReference, evaluate_model, fidelity_markdown, reference_generations
+from .preflight import pipeline_path_problems
 
 __all__ = ["PROG", "PTQError", "PTQResult", "main", "run_ptq"]
 
@@ -438,13 +438,15 @@ def ptq_summary(result: PTQResult, config_files: list[str]) -> str:
             lines.append(f"layer output error on the calibration tokens, median of {len(layers)} layers: {final:.4g} "
                          f"calibrated vs {rtn:.4g} round-to-nearest")
     chain = " ".join(config_files)
-    lines += ["next:",
-              f"  python -m deepcompressor.app.diffusion.calibrate_cache_quantization {chain} "
-              f"--kv-artifact-dir {result.directory}      # KV-cache scales through this model",
-              f"  python -m evaluation.benchmark_assembled_model {chain} --artifacts {result.directory}"
-              "      # image quality against full precision",
-              f"  python infinity_w4a4_test.py {chain} --artifacts {result.directory}      # real W4A4 kernels: "
-              "latency and memory"]
+    lines += [
+        "next:",
+        (f"  python -m deepcompressor.app.diffusion.calibrate_cache_quantization {chain} "
+         f"--kv-artifact-dir {result.directory}      # KV-cache scales through this model"),
+        (f"  python -m evaluation.benchmark_assembled_model {chain} --artifacts {result.directory}"
+         "      # image quality against full precision"),
+        (f"  python infinity_w4a4_test.py {chain} --artifacts {result.directory}      # real W4A4 kernels: "
+         "latency and memory"),
+    ]
     return "\n".join(lines)
 
 
