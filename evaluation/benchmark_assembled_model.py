@@ -162,6 +162,23 @@ def _compare(variant: str, outputs: list[dict], reference: list[dict], prompts) 
     return {"per_prompt": rows, "mean": mean, "timings_per_prompt": _mean_timings(outputs)}
 
 
+def _read_kv_calibration(cfg: RunConfig) -> dict | None:
+    """The KV calibration file when ``kv.enabled`` (validated, and made for this architecture), else None."""
+    if not cfg.kv.enabled:
+        return None
+    from deepcompressor.nn.kv_cache import KVCalibrationError, load_kv_calibration
+
+    try:
+        data = load_kv_calibration(cfg.kv.calib_path)
+    except KVCalibrationError as error:
+        raise ArtifactError(f"kv.calib_path: {error}") from None
+    arch = data["model"].get("arch")
+    if arch != cfg.pipeline.arch:
+        raise ArtifactError(f"kv.calib_path: {cfg.kv.calib_path} holds KV scales of Infinity-{arch}, this config "
+                            f"builds Infinity-{cfg.pipeline.arch}")
+    return data
+
+
 def run(cfg: RunConfig, artifacts_dir: str | Path, out_dir: str | Path) -> dict:
     """Generate and score (see the module docstring); returns the ``results.json`` content."""
     from infinity.pipeline import pipeline_from_config
@@ -177,6 +194,7 @@ def run(cfg: RunConfig, artifacts_dir: str | Path, out_dir: str | Path) -> dict:
                             f"{', pipeline.'.join(differing)} differ from this config's)")
     prompts = load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts,
                               key="eval.prompt_offset")
+    kv_data = _read_kv_calibration(cfg)  # a missing or foreign KV file stops the run before the generations
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
 
@@ -185,6 +203,13 @@ def run(cfg: RunConfig, artifacts_dir: str | Path, out_dir: str | Path) -> dict:
     logger.info("building %s (arch %s, device %s, dtype %s)", p.name, p.arch, p.device, p.dtype)
     pipe = pipeline_from_config(p)
     timings["build_pipeline"] = time.perf_counter() - start
+    if kv_data is not None:
+        from deepcompressor.nn.kv_cache import KVCalibrationError, check_kv_identity
+
+        try:
+            check_kv_identity(kv_data, pipe.transformer, cfg.kv.calib_path)
+        except KVCalibrationError as error:
+            raise ArtifactError(f"kv.calib_path: {error}") from None
 
     logger.info("generating %d held-out prompts with the full-precision model", len(prompts))
     start = time.perf_counter()

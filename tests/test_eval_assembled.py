@@ -123,3 +123,32 @@ def test_bad_artifacts_give_clear_errors(ptq_run, tmp_path, capsys):
     assert main(["configs/models/infinity-tiny.yaml", "--artifacts", str(artifacts), "--out", str(tmp_path / "o")]
                 + _flags(other)) == 1
     assert "pipeline.seed" in capsys.readouterr().err
+
+
+def test_a_missing_or_foreign_kv_file_stops_before_the_generations(ptq_run, tmp_path, capsys, monkeypatch):
+    import infinity.pipeline
+
+    from deepcompressor.bench.w4a4_pipeline import synthetic_kv_calibration
+    from deepcompressor.utils.files import save_pt
+
+    _, artifacts = ptq_run
+    built = []
+    real_factory = infinity.pipeline.pipeline_from_config
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    missing = tmp_path / "kv.pt"
+    argv = ["configs/models/infinity-tiny.yaml", "--artifacts", str(artifacts), "--out", str(tmp_path / "o"),
+            "--kv-calib-path", str(missing)] + _flags(dict(EVAL, **{"kv.enabled": True}))
+    assert main(argv) == 1
+    assert f"{missing}: KV calibration file not found" in capsys.readouterr().err and not built
+    assert not (tmp_path / "o").exists()
+    # A file of another model of the same architecture: refused once the model is built, before any generation.
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", real_factory)
+    pipe = real_factory(__import__("deepcompressor.config", fromlist=["load_config"]).load_config(
+        ["configs/models/infinity-tiny.yaml"], EVAL).pipeline)
+    data = synthetic_kv_calibration(pipe.transformer)
+    data["model"] = dict(data["model"], kv_fingerprint="0" * 64)
+    save_pt(missing, data)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "other Infinity-tiny" in err and "weights" in err
+    assert not list((tmp_path / "o").glob("fp/*.png"))  # no generation ran
