@@ -155,8 +155,12 @@ def run_check(out: Path) -> bool:
                 row.update(arch=arch, layer=layer)
                 rows.append(row)
                 logger.info("check %s %s %s: %s", arch, layer, fmt, "ok" if row["passed"] else f"FAILED {row}")
+                # rewritten after every shape: a run cut short keeps what it checked
+                write_json(out / "check.json", {"device": torch.cuda.get_device_name(device), "complete": False,
+                                                "passed": all(r["passed"] for r in rows), "rows": rows})
     passed = all(r["passed"] for r in rows)
-    write_json(out / "check.json", {"device": torch.cuda.get_device_name(device), "passed": passed, "rows": rows})
+    write_json(out / "check.json", {"device": torch.cuda.get_device_name(device), "complete": True, "passed": passed,
+                                    "rows": rows})
     print(f"check: {'passed' if passed else 'FAILED'} ({sum(r['passed'] for r in rows)}/{len(rows)} shapes)")
     return passed
 
