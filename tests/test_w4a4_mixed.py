@@ -165,7 +165,7 @@ LAYER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-@pytest.mark.parametrize("backend", ["gemv", "tiled", "dequant"])
+@pytest.mark.parametrize("backend", ["fused", "gemv", "tiled", "dequant"])
 def test_mixed_backends_compute_fake_quant_linear_in_bfloat16(case, backend):
     fake = _fake(**LAYER_CASES[case]).to(torch.bfloat16)
     real = W4A4Linear.from_fake(fake, backend=backend)
@@ -279,3 +279,25 @@ def test_default_gemv_config_fills_the_gpu():
         programs = -(-n // cfg.block_n) * cfg.splits
         assert programs >= 132 or cfg.splits == k // 64
         assert cfg.block_n in (64, 128, 256)
+
+
+@pytest.mark.parametrize("m,splits", [(1, 3), (16, 2)])
+def test_fused_gemv_equals_the_two_kernel_path_and_float64(m, splits):
+    from deepcompressor.kernels.w4a4_mixed import w4a4_fused_gemv_triton
+
+    fake = _fake(n=40, k=320, rank=20).to(torch.bfloat16)
+    real = W4A4Linear.from_fake(fake, backend="gemv")
+    x = (torch.randn(m, 320, generator=torch.Generator().manual_seed(11)) * 3).bfloat16()
+    ops = dispatch.LinearOperands(
+        spec=real.ispec, w_packed=real.weight_packed, w_scale=real.weight_scale, w_zero=real.weight_zero,
+        w_signed=True, smooth=real._cast("smooth_scale", x.dtype), l1t=real.lowrank_l1t, l2t=real.lowrank_l2t,
+        bias=real._cast("bias", x.dtype), name="blk.fc")
+    config = GemvConfig(16, splits)
+    fused = [w4a4_fused_gemv_triton(x, ops.spec, ops.w_packed, ops.w_scale, ops.w_zero, True, smooth=ops.smooth,
+                                    l2t=ops.l2t, l1t=ops.l1t, bias=ops.bias, config=config) for _ in range(2)]
+    two_kernels = dispatch.forward_gemv(x, ops, config)
+    scale = two_kernels.double().abs().max().item()
+    assert torch.equal(fused[0], fused[1])
+    assert (fused[0].double() - two_kernels.double()).abs().max().item() <= 2**-7 * scale
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        dispatch.forward_fused(torch.randn(17, 320).bfloat16(), ops)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 logger = logging.getLogger("deepcompressor.bench.w4a4")
 
 DEFAULT_ROWS = (2, 8, 32, 64, 256, 1024, 4608, 8192)
-GPU_BACKENDS = ("bf16", "int", "gemv", "tiled", "dequant", "auto")
+GPU_BACKENDS = ("bf16", "int", "fused", "gemv", "tiled", "dequant", "auto")
 CHECK_ROWS = 256
 L2_FLUSH_BYTES = 2 * 60 * 2**20  # twice an H100/H200 L2
 GENERATION_PN = "1M"
@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="+", type=int, default=None,
                         help="Image tokens per CFG row instead of --rows (M = tokens x --cfg-rows)")
     parser.add_argument("--cfg-rows", type=int, default=2, help="Rows per token (2 with classifier-free guidance)")
-    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "gemv", "tiled", "dequant",
-                                                                         "auto", "torch"),
+    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "fused", "gemv", "tiled",
+                                                                         "dequant", "auto", "torch"),
                         help="Default: bf16 int gemv dequant auto on GPU, bf16 torch on CPU")
     parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None,
                         help="Also time one 1024x1024 generation's linear work per layer type (default: on GPU)")
@@ -142,9 +142,9 @@ class ShapeBench:
         elif backend == "int":
             calls = [lambda lay=lay: _int_forward(lay, x) for lay in self.w4a4_copies]
         else:
-            if (backend == "gemv" and m > 128) or (backend == "tiled" and m > 2048):
+            if (backend == "fused" and m > 16) or (backend == "gemv" and m > 128) or (backend == "tiled" and m > 2048):
                 return None  # outside the backend's range (gemv) or its useful range (tiled: 2-4x slower there)
-            if backend in ("gemv", "tiled", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
+            if backend in ("fused", "gemv", "tiled", "dequant") and (self.device.type != "cuda" or x.dtype == torch.float32):
                 return None
             for lay in self.w4a4_copies:
                 lay.backend = backend

@@ -4,6 +4,8 @@ Backends (``W4A4Linear(backend=...)``):
 
 - ``int`` (alias ``triton``): ``kernels.w4a4``, exact int32 products per group of 64: the bit-exact model of INT4
   tensor-core hardware (Jetson Orin, Ampere, Ada). Any dtype.
+- ``fused``: at most 16 rows, the whole layer in one kernel (each program fake-quantizes the slice of x it reads).
+  16-bit activations on CUDA.
 - ``gemv``: ``kernels.w4a4_mixed`` for few tokens (at most 128 rows): activations fake-quantized by one kernel, then
   one split-K kernel that dequantizes the weights in registers. 16-bit activations on CUDA.
 - ``tiled``: the same two kernels with row tiles (any row count): the weights read as 4-bit codes and dequantized
@@ -11,7 +13,7 @@ Backends (``W4A4Linear(backend=...)``):
 - ``dequant``: activations fake-quantized into ``[xq | down]``, the layer's weights dequantized into a reusable
   workspace ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
 - ``torch``: the PyTorch path of ``kernels.w4a4`` (CPU).
-- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape
+- ``auto``: on CUDA with 16-bit activations, the fastest of ``fused`` / ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape
   and dtype, measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
   ``~/.cache/var-compressor``); float32 activations take ``int``; CPU tensors ``torch``. While a CUDA graph is being
   captured nothing is timed: an unmeasured shape takes the rule ``gemv`` up to 64 rows, else ``dequant``.
@@ -38,6 +40,7 @@ from .triton_utils import HAS_TRITON
 from .w4a4 import int_launch_config, quantize_activations, w4a4_matmul
 from .w4a4_layout import GROUP
 from .w4a4_mixed import (
+    FUSED_MAX_ROWS,
     GEMV_MAX_ROWS,
     GemvConfig,
     default_gemv_config,
@@ -46,6 +49,7 @@ from .w4a4_mixed import (
     gemv_workspace,
     split_plan,
     tiled_gemm_configs,
+    w4a4_fused_gemv_triton,
     w4a4_gemv_triton,
     w4a4_mixed_gemm_triton,
 )
@@ -63,9 +67,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "int", "triton", "gemv", "tiled", "dequant", "torch")
+BACKENDS = ("auto", "int", "triton", "fused", "gemv", "tiled", "dequant", "torch")
 _ALIASES = {"triton": "int"}
-MIXED = ("gemv", "tiled", "dequant")
+MIXED = ("fused", "gemv", "tiled", "dequant")
 RULE_GEMV_ROWS = 64
 TILED_MAX_ROWS = 1024  # measured on an H200: above, the cuBLAS path wins every shape by 2-4x
 
@@ -167,6 +171,18 @@ def forward_gemv(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | No
         static_zero=ops.static_zero, groups_per_chunk=gps)
     return w4a4_gemv_triton(xq, partial, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, l1t=ops.l1t,
                             bias=ops.bias, config=config, groups_per_split=gps)
+
+
+def forward_fused(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | None = None) -> torch.Tensor:
+    """At most 16 rows: the whole layer in one launch."""
+    _check_mixed(x2d, ops.name, "fused")
+    m, k = x2d.shape
+    if m > FUSED_MAX_ROWS:
+        raise ValueError(f"{ops.name}: the fused W4A4 backend takes at most {FUSED_MAX_ROWS} rows, got {m}")
+    config = config or default_gemv_config(m, ops.shape[0], k, _sm_count(x2d.device))
+    return w4a4_fused_gemv_triton(x2d, ops.spec, ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed,
+                                  smooth=ops.smooth, l2t=ops.l2t, l1t=ops.l1t, bias=ops.bias,
+                                  static_scale=ops.static_scale, static_zero=ops.static_zero, config=config)
 
 
 def forward_tiled(x2d: torch.Tensor, ops: LinearOperands, config: GemvConfig | None = None) -> torch.Tensor:
@@ -285,6 +301,10 @@ def _rule(m: int) -> dict:
 
 def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
     out = []
+    if m <= FUSED_MAX_ROWS:
+        for block_n in (64, 128):
+            cfg = default_gemv_config(m, n, k, _sm_count(device), block_n=block_n)
+            out.append({"backend": "fused", "config": cfg.as_dict()})
     if m <= GEMV_MAX_ROWS:
         seen = set()
         for block_n in (None, 64, 128, 256):
@@ -301,6 +321,8 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
 def _run_choice(choice: dict, x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
     cfg = choice.get("config")
     cfg = None if cfg is None else GemvConfig(**cfg)
+    if choice["backend"] == "fused":
+        return forward_fused(x2d, ops, cfg)
     if choice["backend"] == "gemv":
         return forward_gemv(x2d, ops, cfg)
     if choice["backend"] == "tiled":
@@ -356,6 +378,8 @@ def linear_forward(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_wei
             backend = "int"
         else:
             return _run_choice(choose_backend(x2d, ops), x2d, ops)
+    if backend == "fused":
+        return forward_fused(x2d, ops)
     if backend == "gemv":
         return forward_gemv(x2d, ops)
     if backend == "tiled":

@@ -57,6 +57,7 @@ __all__ = [
     "gemv_workspace",
     "split_plan",
     "tiled_gemm_configs",
+    "w4a4_fused_gemv_triton",
     "w4a4_gemv_triton",
     "w4a4_mixed_gemm_triton",
 ]
@@ -267,6 +268,14 @@ if HAS_TRITON:
                         other=0.0)
             l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(d, l1, acc, input_precision="ieee")
+        _split_epilogue(acc, Y, PART, COUNT, BIAS, rm64, rn, m_mask, n_mask, M, N, split,
+                        pid_m * tl.num_programs(1) + pid_n, stride_ym, Y_KIND, SPLITS, HAS_BIAS, SPLIT)
+
+    @triton.jit
+    def _split_epilogue(acc, Y, PART, COUNT, BIAS, rm64, rn, m_mask, n_mask, M, N, split, tile_index, stride_ym,
+                        Y_KIND: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        # One range of K: write the output tile. Several: store this range's partial tile; the program that
+        # arrives last sums all of them in range order (deterministic), adds the bias and rounds once.
         out_mask = m_mask[:, None] & n_mask[None, :]
         y_ptr = Y + rm64[:, None] * stride_ym + rn[None, :]
         if SPLIT:
@@ -274,10 +283,10 @@ if HAS_TRITON:
             tl.store(PART + split * M * N + tile, acc, mask=out_mask)
             tl.debug_barrier()
             # acq_rel at GPU scope: the partial tiles stored before it are visible to the program that counts last.
-            counter = COUNT + pid_m * tl.num_programs(1) + pid_n
+            counter = COUNT + tile_index
             arrived = tl.atomic_add(counter, 1)
             if arrived == SPLITS - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                total = tl.zeros(acc.shape, dtype=tl.float32)
                 for t in tl.static_range(SPLITS):
                     total += tl.load(PART + t * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
@@ -288,6 +297,82 @@ if HAS_TRITON:
             if HAS_BIAS:
                 acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr, round_to(acc, Y_KIND).to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _fused_gemv_kernel(
+        X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, B, B_SCALES, B_ZERO, L1T, BIAS, Y, PART, COUNT,
+        M, N, K, stride_xm, stride_ym, GPS: tl.constexpr, SPLITS: tl.constexpr, GB: tl.constexpr,
+        X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
+        IEEE: tl.constexpr, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO_A: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
+        SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr,
+        B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # The whole layer in one launch for very few rows: each program fake-quantizes the slice of x it multiplies
+        # (repeated by every output tile, which costs little at <= 16 rows and saves the activation kernel's launch),
+        # computes that slice's down projection, and multiplies by the weights dequantized in registers.
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        rm64 = rm.to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        groups = K // 64
+        g_end = tl.minimum(split * GPS + GPS, groups)
+        ranks = tl.arange(0, RANK)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        down = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        for g0 in range(split * GPS, g_end, GB):
+            cols = g0 * 64 + tl.arange(0, GB * 64)
+            in_k = cols < g_end * 64
+            x = tl.load(X + rm64[:, None] * stride_xm + cols[None, :], mask=m_mask[:, None] & in_k[None, :],
+                        other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                s = tl.load(SMOOTH + cols, mask=in_k, other=1.0).to(tl.float32)
+                x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)
+            if HAS_LOWRANK:
+                l2 = tl.load(L2T + cols[:, None] * RANK + ranks[None, :], mask=in_k[:, None], other=0.0)
+                if IEEE:
+                    down = tl.dot(x, l2.to(tl.float32), down, input_precision="ieee")
+                else:
+                    down = tl.dot(x.to(L2T.dtype.element_ty), l2, down)
+            group = g0 + tl.arange(0, GB)
+            q, scale = _quantize_groups(tl.reshape(x, (BLOCK_M, GB, 64)), STATIC_SCALE, STATIC_ZERO, group,
+                                        group < groups, STATIC, SYMMETRIC, HAS_ZERO_A, QMIN, QMAX, QSYM, SYM_ZERO,
+                                        SCALE_KIND, TINY, FMAX)
+            xq = round_to(q * scale[:, :, None], X_KIND)  # [BLOCK_M, GB, 64]: FakeQuantLinear's operand
+            # Each packed byte holds input j (low nibble) and input j + 32 (high nibble) of its group.
+            halves = tl.permute(tl.reshape(xq, (BLOCK_M, GB, 2, 32)), (0, 1, 3, 2))
+            a_lo, a_hi = tl.split(halves)
+            a_lo = tl.reshape(a_lo, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
+            a_hi = tl.reshape(a_hi, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
+            c = tl.arange(0, GB * 32)
+            w_group = g0 + c // 32
+            w_mask = (w_group < g_end)[:, None] & n_mask[None, :]
+            packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask, other=0)
+            lo, hi = unpack_nibbles(packed, B_SIGNED)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + w_group[:, None] * N + rn[None, :], mask=w_mask, other=0).to(tl.float32)
+                lo = lo - z
+                hi = hi - z
+            ws = tl.load(B_SCALES + w_group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            w_lo = round_to(lo * ws, X_KIND).to(X.dtype.element_ty)
+            w_hi = round_to(hi * ws, X_KIND).to(X.dtype.element_ty)
+            if IEEE:
+                acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a_lo, w_lo, acc)
+                acc = tl.dot(a_hi, w_hi, acc)
+        if HAS_LOWRANK:
+            l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(down, l1, acc, input_precision="ieee")
+        _split_epilogue(acc, Y, PART, COUNT, BIAS, rm64, rn, m_mask, n_mask, M, N, split, pid_n, stride_ym, X_KIND,
+                        SPLITS, HAS_BIAS, SPLIT)
 
 
 def _quant_flags(spec: QuantSpec, static: bool) -> dict:
@@ -503,6 +588,43 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
         GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
+FUSED_MAX_ROWS = 16
+
+
+def w4a4_fused_gemv_triton(x2d: torch.Tensor, spec: QuantSpec, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                           w_zero: torch.Tensor | None, w_signed: bool, *, smooth: torch.Tensor | None = None,
+                           l2t: torch.Tensor | None = None, l1t: torch.Tensor | None = None,
+                           bias: torch.Tensor | None = None, static_scale: torch.Tensor | None = None,
+                           static_zero: torch.Tensor | None = None, config: GemvConfig) -> torch.Tensor:
+    """The whole layer in one launch for at most 16 rows of 16-bit activations (``_fused_gemv_kernel``)."""
+    m, k = x2d.shape
+    n = w_packed.shape[0]
+    if m > FUSED_MAX_ROWS:
+        raise ValueError(f"w4a4_fused_gemv: at most {FUSED_MAX_ROWS} rows, got {m}")
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    gps, splits = split_plan(k // GROUP, config.splits)
+    tiles = -(-n // config.block_n)
+    y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    part, count = gemv_workspace.get(x2d.device, splits * m * n, tiles) if splits > 1 else (y, y)
+    rank = l2t.shape[1] if l2t is not None else 16
+    dummy = y
+    _fused_gemv_kernel[(tiles, splits)](
+        x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
+        static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
+        w_packed.view(torch.int8), w_scale, w_zero if w_zero is not None else dummy,
+        l1t if l1t is not None else dummy, bias if bias is not None else dummy, y, part, count,
+        m, n, k, x2d.stride(0), y.stride(0), gps, splits, _groups_per_step(gps, config.block_n),
+        X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+        IEEE=_interpreting() or x2d.dtype == torch.float32,
+        **{("HAS_ZERO_A" if key == "HAS_ZERO" else key): value
+           for key, value in _quant_flags(spec, static_scale is not None).items()},
+        B_SIGNED=w_signed, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        BLOCK_M=16, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 
