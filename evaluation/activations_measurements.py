@@ -332,7 +332,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepcompressor.app.diffusion.preflight import exit_on_problems, pipeline_path_problems
 
-    exit_on_problems(PROG, pipeline_path_problems(cfg.pipeline))
+    from deepcompressor.app.diffusion.capture import PromptFileError
+
+    problems = pipeline_path_problems(cfg.pipeline)
+    try:
+        load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
+    except PromptFileError as error:
+        problems.append(str(error))
+    exit_on_problems(PROG, problems)
     out_dir = Path(args.out) if args.out else diagnostics_dir(cfg)
     try:
         paths = run(cfg, out_dir)

@@ -250,3 +250,20 @@ def test_non_finite_calibration_activations_are_refused_naming_the_prompt_and_sc
     text["gss"][0, 0, 0, 0] = float("inf")
     with pytest.raises(CaptureError, match=r"text conditioning \(gss\)"):
         check_capture_finite(xs, text, "a fox")
+
+
+def test_diagnostics_with_a_bad_prompt_file_stop_before_building_the_model(tmp_path, capsys, monkeypatch):
+    import infinity.pipeline
+
+    from evaluation import activations_measurements
+
+    built = []
+    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("a:\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        activations_measurements.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts),
+                                       "--out", str(tmp_path / "diag")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not built and "empty caption for id 'a'" in err and err.count("\n") == 1
+    assert not (tmp_path / "diag").exists()
