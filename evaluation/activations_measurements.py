@@ -330,9 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from infinity.checkpoints import CheckpointError
 
-    from deepcompressor.app.diffusion.preflight import exit_on_problems, pipeline_path_problems
-
     from deepcompressor.app.diffusion.capture import PromptFileError
+    from deepcompressor.app.diffusion.preflight import exit_on_problems, pipeline_path_problems
 
     problems = pipeline_path_problems(cfg.pipeline)
     try:
