@@ -9,8 +9,8 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "SCALE_KINDS", "dtype_kind", "quantize_group", "round_half_even", "round_to", "tl", "triton",
-           "unpack_nibbles"]
+__all__ = ["HAS_TRITON", "SCALE_KINDS", "dtype_kind", "quantize_group", "quantize_groups", "round_half_even",
+           "round_to", "tl", "triton", "unpack_nibbles"]
 
 import torch
 
@@ -56,29 +56,38 @@ if HAS_TRITON:
         return round_to(scale, SCALE_KIND)
 
     @triton.jit
-    def quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr,
-                       HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr,
-                       SYM_ZERO: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
-        # One group of 64 inputs per row of x [BLOCK_M, 64] (float32) -> zero-point-centred codes (float32) and
-        # the scale per row, with the arithmetic of deepcompressor.quant.core (dynamic ranges, or the calibrated
-        # static ones of group g).
-        zero = tl.zeros(rows.shape, dtype=tl.float32) + SYM_ZERO
+    def quantize_groups(x3, STATIC_SCALE, STATIC_ZERO, g, g_mask, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr,
+                         SYM_ZERO: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
+        # x3 [BLOCK_M, G, 64] (float32), groups g [G] -> centred codes [BLOCK_M, G, 64] and scales [BLOCK_M, G]:
+        # the arithmetic of deepcompressor.quant.core (dynamic ranges, or the calibrated static ones of groups g).
+        zero = tl.zeros((x3.shape[0], x3.shape[1]), dtype=tl.float32) + SYM_ZERO
         if STATIC:
-            scale = tl.load(STATIC_SCALE + g + rows * 0)
+            scale = tl.zeros_like(zero) + tl.load(STATIC_SCALE + g, mask=g_mask, other=1.0)[None, :]
             if HAS_ZERO:
-                zero = tl.load(STATIC_ZERO + g + rows * 0)
+                zero = tl.zeros_like(zero) + tl.load(STATIC_ZERO + g, mask=g_mask, other=0.0)[None, :]
         elif SYMMETRIC:
-            absmax = tl.max(tl.abs(x), axis=1)
+            absmax = tl.max(tl.abs(x3), axis=2)
             scale = stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
         else:
-            xmin = tl.minimum(tl.min(x, axis=1), 0.0)
-            xmax = tl.maximum(tl.max(x, axis=1), 0.0)
+            xmin = tl.minimum(tl.min(x3, axis=2), 0.0)
+            xmax = tl.maximum(tl.max(x3, axis=2), 0.0)
             span = tl.zeros_like(xmin) + (QMAX - QMIN)
             scale = stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
             zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
-        q = round_half_even(tl.math.div_rn(x, scale[:, None])) + zero[:, None]
-        q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, None]
+        q = round_half_even(tl.math.div_rn(x3, scale[:, :, None])) + zero[:, :, None]
+        q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, :, None]
         return q, scale
+
+    @triton.jit
+    def quantize_group(x, STATIC_SCALE, STATIC_ZERO, g, rows, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr,
+                       SYM_ZERO: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
+        # quantize_groups for the one group g of x [BLOCK_M, 64] -> codes [BLOCK_M, 64] and scales [BLOCK_M].
+        groups = g + tl.arange(0, 1)
+        q, scale = quantize_groups(tl.reshape(x, (x.shape[0], 1, 64)), STATIC_SCALE, STATIC_ZERO, groups, groups >= 0,
+                                   STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
+        return tl.reshape(q, (x.shape[0], 64)), tl.reshape(scale, (x.shape[0],))
 
     @triton.jit
     def unpack_nibbles(packed, B_SIGNED: tl.constexpr):
@@ -92,4 +101,4 @@ if HAS_TRITON:
         return lo, hi
 
 else:  # pragma: no cover
-    round_half_even = round_to = stored_scale = quantize_group = unpack_nibbles = None
+    round_half_even = round_to = stored_scale = quantize_group = quantize_groups = unpack_nibbles = None

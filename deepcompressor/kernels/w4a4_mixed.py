@@ -38,14 +38,14 @@ from .triton_utils import (
     HAS_TRITON,
     SCALE_KINDS,
     dtype_kind,
-    round_half_even,
+    quantize_groups,
     round_to,
-    stored_scale,
     tl,
     triton,
     unpack_nibbles,
 )
-from .w4a4_layout import GROUP, unpack_weight
+from .w4a4 import dequantized_weight
+from .w4a4_layout import GROUP
 
 __all__ = [
     "GemvConfig",
@@ -85,41 +85,12 @@ def fake_quant_activations_torch(x2d: torch.Tensor, spec: QuantSpec, *, smooth: 
 def dequantize_weight_torch(packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, signed: bool,
                             dtype: torch.dtype) -> torch.Tensor:
     """Kernel-layout weight -> ``[N, K]`` in ``dtype``: ``(q - z) * s`` in float32, rounded once."""
-    codes = unpack_weight(packed, signed).float()
-    n, k = codes.shape
-    codes = codes.reshape(n, k // GROUP, GROUP)
-    if w_zero is not None:
-        codes = codes - w_zero.t().float().unsqueeze(-1)
-    return (codes * w_scale.t().float().unsqueeze(-1)).reshape(n, k).to(dtype)
+    return dequantized_weight(packed, w_scale, w_zero, signed).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _quantize_groups(x3, STATIC_SCALE, STATIC_ZERO, g, g_mask, STATIC: tl.constexpr, SYMMETRIC: tl.constexpr,
-                         HAS_ZERO: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr,
-                         SYM_ZERO: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr):
-        # x3 [BLOCK_M, G, 64] (float32), groups g [G] -> centred codes [BLOCK_M, G, 64] and scales [BLOCK_M, G]:
-        # the arithmetic of deepcompressor.quant.core (triton_utils.quantize_group, for G groups at once).
-        zero = tl.zeros((x3.shape[0], x3.shape[1]), dtype=tl.float32) + SYM_ZERO
-        if STATIC:
-            scale = tl.zeros_like(zero) + tl.load(STATIC_SCALE + g, mask=g_mask, other=1.0)[None, :]
-            if HAS_ZERO:
-                zero = tl.zeros_like(zero) + tl.load(STATIC_ZERO + g, mask=g_mask, other=0.0)[None, :]
-        elif SYMMETRIC:
-            absmax = tl.max(tl.abs(x3), axis=2)
-            scale = stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
-        else:
-            xmin = tl.minimum(tl.min(x3, axis=2), 0.0)
-            xmax = tl.maximum(tl.max(x3, axis=2), 0.0)
-            span = tl.zeros_like(xmin) + (QMAX - QMIN)
-            scale = stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
-            zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
-        q = round_half_even(tl.math.div_rn(x3, scale[:, :, None])) + zero[:, :, None]
-        q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, :, None]
-        return q, scale
 
     @triton.jit
     def _fake_quant_act_kernel(
@@ -149,7 +120,7 @@ if HAS_TRITON:
                 s = tl.load(SMOOTH + cols, mask=in_k, other=1.0).to(tl.float32)
                 x = round_to(tl.math.div_rn(x, s[None, :]), X_KIND)  # x / s rounded to x's dtype, as PyTorch does
             groups = chunk * GPC + sub + tl.arange(0, SUB)
-            q, scale = _quantize_groups(tl.reshape(x, (BLOCK_M, SUB, 64)), STATIC_SCALE, STATIC_ZERO, groups,
+            q, scale = quantize_groups(tl.reshape(x, (BLOCK_M, SUB, 64)), STATIC_SCALE, STATIC_ZERO, groups,
                                         groups < K // 64, STATIC, SYMMETRIC, HAS_ZERO, QMIN, QMAX, QSYM, SYM_ZERO,
                                         SCALE_KIND, TINY, FMAX)
             xq = tl.reshape(round_to(q * scale[:, :, None], X_KIND), (BLOCK_M, SUB * 64))  # exact, rounded once
@@ -203,20 +174,14 @@ if HAS_TRITON:
                          mask=n_mask[:, None])
 
     @triton.jit
-    def _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask,
-                             GB: tl.constexpr, Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
-                             IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
-        # acc += xq[:, groups g0 .. g0+GB) @ dequantized W[those groups, :]^T. Column c of the low halves is input
-        # 64 (g0 + c // 32) + c % 32, which the packed byte g0 * 32 + c holds in its low nibble (its high nibble
-        # holds the input 32 later), so every operand comes with one load.
+    def _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB: tl.constexpr, KIND: tl.constexpr,
+                              B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, DTYPE: tl.constexpr):
+        # Groups g0 .. g0+GB of the weight, dequantized in registers as two [32 GB, BLOCK_N] tiles: row c of the
+        # low tile is input 64 (g0 + c // 32) + c % 32, which the packed byte g0 * 32 + c holds in its low nibble
+        # (its high nibble holds the input 32 later, row c of the high tile), so one load brings the whole block.
         c = tl.arange(0, GB * 32)
         group = g0 + c // 32
-        in_k = group < g_end
-        k_lo = group * 64 + c % 32
-        a_mask = m_mask[:, None] & in_k[None, :]
-        a_lo = tl.load(a_rows + k_lo[None, :], mask=a_mask, other=0.0)
-        a_hi = tl.load(a_rows + k_lo[None, :] + 32, mask=a_mask, other=0.0)
-        w_mask = in_k[:, None] & n_mask[None, :]
+        w_mask = (group < g_end)[:, None] & n_mask[None, :]
         packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask, other=0)
         lo, hi = unpack_nibbles(packed, B_SIGNED)
         lo = lo.to(tl.float32)
@@ -226,8 +191,10 @@ if HAS_TRITON:
             lo = lo - z
             hi = hi - z
         s = tl.load(B_SCALES + group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        w_lo = round_to(lo * s, Y_KIND).to(A_DTYPE)
-        w_hi = round_to(hi * s, Y_KIND).to(A_DTYPE)
+        return round_to(lo * s, KIND).to(DTYPE), round_to(hi * s, KIND).to(DTYPE)
+
+    @triton.jit
+    def _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE: tl.constexpr):
         if IEEE:
             acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
             acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
@@ -235,6 +202,22 @@ if HAS_TRITON:
             acc = tl.dot(a_lo, w_lo, acc)
             acc = tl.dot(a_hi, w_hi, acc)
         return acc
+
+    @triton.jit
+    def _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask,
+                             GB: tl.constexpr, Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+                             IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
+        # acc += xq[:, groups g0 .. g0+GB) @ dequantized W[those groups, :]^T, the activation columns read in the
+        # order of the weight tiles (_dequant_weight_block).
+        c = tl.arange(0, GB * 32)
+        group = g0 + c // 32
+        k_lo = group * 64 + c % 32
+        a_mask = m_mask[:, None] & (group < g_end)[None, :]
+        a_lo = tl.load(a_rows + k_lo[None, :], mask=a_mask, other=0.0)
+        a_hi = tl.load(a_rows + k_lo[None, :] + 32, mask=a_mask, other=0.0)
+        w_lo, w_hi = _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB, Y_KIND, B_SIGNED,
+                                           HAS_ZERO, A_DTYPE)
+        return _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE)
 
     @triton.jit
     def _mixed_gemm_kernel(
@@ -339,7 +322,7 @@ if HAS_TRITON:
                 else:
                     down = tl.dot(x.to(L2T.dtype.element_ty), l2, down)
             group = g0 + tl.arange(0, GB)
-            q, scale = _quantize_groups(tl.reshape(x, (BLOCK_M, GB, 64)), STATIC_SCALE, STATIC_ZERO, group,
+            q, scale = quantize_groups(tl.reshape(x, (BLOCK_M, GB, 64)), STATIC_SCALE, STATIC_ZERO, group,
                                         group < groups, STATIC, SYMMETRIC, HAS_ZERO_A, QMIN, QMAX, QSYM, SYM_ZERO,
                                         SCALE_KIND, TINY, FMAX)
             xq = round_to(q * scale[:, :, None], X_KIND)  # [BLOCK_M, GB, 64]: FakeQuantLinear's operand
@@ -348,26 +331,9 @@ if HAS_TRITON:
             a_lo, a_hi = tl.split(halves)
             a_lo = tl.reshape(a_lo, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
             a_hi = tl.reshape(a_hi, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
-            c = tl.arange(0, GB * 32)
-            w_group = g0 + c // 32
-            w_mask = (w_group < g_end)[:, None] & n_mask[None, :]
-            packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask, other=0)
-            lo, hi = unpack_nibbles(packed, B_SIGNED)
-            lo = lo.to(tl.float32)
-            hi = hi.to(tl.float32)
-            if HAS_ZERO:
-                z = tl.load(B_ZERO + w_group[:, None] * N + rn[None, :], mask=w_mask, other=0).to(tl.float32)
-                lo = lo - z
-                hi = hi - z
-            ws = tl.load(B_SCALES + w_group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            w_lo = round_to(lo * ws, X_KIND).to(X.dtype.element_ty)
-            w_hi = round_to(hi * ws, X_KIND).to(X.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(a_lo.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(a_hi.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_lo, w_lo, acc)
-                acc = tl.dot(a_hi, w_hi, acc)
+            w_lo, w_hi = _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB, X_KIND,
+                                               B_SIGNED, HAS_ZERO, X.dtype.element_ty)
+            acc = _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE)
         if HAS_LOWRANK:
             l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(down, l1, acc, input_precision="ieee")
@@ -397,9 +363,7 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         x2d = x2d.contiguous()
     groups = k // GROUP
     rank = l2t.shape[1] if l2t is not None else 16
-    gpc = 1
-    while gpc < min(int(groups_per_chunk), groups):  # a power of two (a tile width), at most the groups rounded up
-        gpc *= 2
+    gpc = _pow2_at_least(min(int(groups_per_chunk), groups))  # a tile width, at most the groups rounded up
     chunks = triton.cdiv(groups, gpc)
     partial = None
     if l2t is None:
@@ -454,9 +418,7 @@ def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero
         raise ValueError(f"dequantize_weight: output {tuple(out.shape)} too small for [{n}, {k}] + rank")
     if groups_per_program is None:
         groups_per_program = 4
-    gpp = 1
-    while gpp < min(int(groups_per_program), groups):  # a power of two: one tile of gpp * 32 bytes per output
-        gpp *= 2
+    gpp = _pow2_at_least(min(int(groups_per_program), groups))  # one tile of gpp * 32 bytes per output
     grid = (triton.cdiv(n, block_n), triton.cdiv(groups, gpp))
     _dequant_weight_kernel[grid](
         packed.view(torch.int8), w_scale, w_zero if w_zero is not None else out, l1t if l1t is not None else out,
@@ -498,10 +460,7 @@ def _groups_per_step(groups_per_split: int, block_n: int) -> int:
 
 
 def _block_m(m: int) -> int:
-    block = 16
-    while block < m:
-        block *= 2
-    return block
+    return max(16, _pow2_at_least(m))  # tensor-core products need at least 16 rows
 
 
 GEMV_MAX_ROWS = 128
