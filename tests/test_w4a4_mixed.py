@@ -288,10 +288,7 @@ def test_fused_gemv_equals_the_two_kernel_path_and_float64(m, splits):
     fake = _fake(n=40, k=320, rank=20).to(torch.bfloat16)
     real = W4A4Linear.from_fake(fake, backend="gemv")
     x = (torch.randn(m, 320, generator=torch.Generator().manual_seed(11)) * 3).bfloat16()
-    ops = dispatch.LinearOperands(
-        spec=real.ispec, w_packed=real.weight_packed, w_scale=real.weight_scale, w_zero=real.weight_zero,
-        w_signed=True, smooth=real._cast("smooth_scale", x.dtype), l1t=real.lowrank_l1t, l2t=real.lowrank_l2t,
-        bias=real._cast("bias", x.dtype), name="blk.fc")
+    ops = real.operands(x.dtype)
     config = GemvConfig(16, splits)
     fused = [w4a4_fused_gemv_triton(x, ops.spec, ops.w_packed, ops.w_scale, ops.w_zero, True, smooth=ops.smooth,
                                     l2t=ops.l2t, l1t=ops.l1t, bias=ops.bias, config=config) for _ in range(2)]

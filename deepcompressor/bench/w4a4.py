@@ -189,7 +189,7 @@ def bench_shape(bench: ShapeBench, m: int, args) -> dict:
     row["speedup_layer_vs_bf16"] = ms["bf16"] / ms[best] if best and "bf16" in ms else None
     row["speedup_vs_bf16"] = {b: ms["bf16"] / t for b, t in ms.items() if b != "bf16" and "bf16" in ms}
     if bench.device.type == "cuda" and bench.dtype != torch.float32:
-        key = dispatch._key(x, _operands(layer, bench.dtype))
+        key = dispatch._key(x, layer.operands(bench.dtype))
         row["auto_choice"] = dispatch.choices.get(key) or {"source": "rule"}
     # Bytes held between calls: the packed layer, and the workspaces the backends share across all layers.
     rank = layer.lowrank_l1t.shape[0] if layer.lowrank_l1t is not None else 0
@@ -247,15 +247,6 @@ def _gemv_partial_bytes(m: int, n: int, k: int) -> int:
         return 0
     cfg = default_gemv_config(m, n, k)
     return 4 * m * n * cfg.splits if cfg.splits > 1 else 0
-
-
-def _operands(layer, dtype):
-    from ..kernels.w4a4_dispatch import LinearOperands
-
-    return LinearOperands(spec=layer.ispec, w_packed=layer.weight_packed, w_scale=layer.weight_scale,
-                          w_zero=layer.weight_zero, w_signed=layer.wspec.fmt.signed,
-                          smooth=layer._cast("smooth_scale", dtype), l1t=layer._cast("lowrank_l1t", dtype),
-                          l2t=layer._cast("lowrank_l2t", dtype), bias=layer._cast("bias", dtype), name=layer.name)
 
 
 def bench_generation(bench: ShapeBench, per_block: int, depth: int, args) -> dict:

@@ -185,6 +185,14 @@ class W4A4Linear(nn.Module):
         """Bytes of every tensor the layer holds."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    def operands(self, dtype: torch.dtype) -> LinearOperands:
+        """What the kernels multiply with for activations of ``dtype`` (16-bit tensors converted once, cached)."""
+        return LinearOperands(
+            spec=self.ispec, w_packed=self.weight_packed, w_scale=self.weight_scale, w_zero=self.weight_zero,
+            w_signed=self.wspec.fmt.signed, smooth=self._cast("smooth_scale", dtype),
+            l1t=self._cast("lowrank_l1t", dtype), l2t=self._cast("lowrank_l2t", dtype), bias=self._cast("bias", dtype),
+            static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
+
     # ----- forward ---------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,13 +200,8 @@ class W4A4Linear(nn.Module):
             raise ValueError(f"{self.name}: input has {x.shape[-1]} channels, expected {self.in_features}")
         dtype = x.dtype
         x2d = x.reshape(-1, self.in_features)
-        smooth = self._cast("smooth_scale", dtype)
-        l1t, l2t = self._cast("lowrank_l1t", dtype), self._cast("lowrank_l2t", dtype)
-        bias = self._cast("bias", dtype)
-        ops = LinearOperands(
-            spec=self.ispec, w_packed=self.weight_packed, w_scale=self.weight_scale, w_zero=self.weight_zero,
-            w_signed=self.wspec.fmt.signed, smooth=smooth, l1t=l1t, l2t=l2t, bias=bias,
-            static_scale=self.input_scale, static_zero=self.input_zero, name=self.name)
+        ops = self.operands(dtype)
+        smooth, l1t, l2t, bias = ops.smooth, ops.l1t, ops.l2t, ops.bias
         if self.ispec is None:
             # 16-bit inputs: the packed weight dequantized for this call only.
             xs = x2d / smooth if smooth is not None else x2d
