@@ -26,6 +26,7 @@ Hopper lacks; ``nunchaku_status()`` reports whether an installed ``nunchaku`` ex
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -219,9 +220,19 @@ def forward_exact(x2d: torch.Tensor, ops: LinearOperands, backend: str, cpu_weig
                        l1t=ops.l1t, bias=ops.bias, out_dtype=x2d.dtype, **extra)
 
 
+@functools.cache
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device):
+    # Read on every eager layer call (dispatch key, split plans): looked up once per device.
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _device_properties(device).multi_processor_count
     return 132
 
 
@@ -288,7 +299,7 @@ def _bucket(m: int) -> int:
 
 def _key(x2d: torch.Tensor, ops: LinearOperands) -> str:
     n, k = ops.shape
-    name = torch.cuda.get_device_name(x2d.device) if x2d.device.type == "cuda" else "cpu"
+    name = _device_properties(x2d.device).name if x2d.device.type == "cuda" else "cpu"
     spec: QuantSpec = ops.spec
     flags = (f"r{_padded_rank(ops)}-z{int(ops.w_zero is not None)}-s{int(ops.smooth is not None)}"
              f"-st{int(ops.static_scale is not None)}-{spec.fmt.name}{'' if spec.symmetric else 'a'}")
