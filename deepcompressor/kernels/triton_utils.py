@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -9,8 +11,9 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "SCALE_KINDS", "dtype_kind", "quantize_group", "quantize_groups", "round_half_even",
-           "round_to", "tl", "triton", "unpack_nibbles"]
+__all__ = ["HAS_TRITON", "SCALE_KINDS", "dequant_nibbles_bf16", "dequant_nibbles_f16", "dtype_kind",
+           "fast_dequant_mode", "quantize_group", "quantize_groups", "round_half_even", "round_to", "tl", "triton",
+           "unpack_nibbles"]
 
 import torch
 
@@ -25,12 +28,107 @@ def dtype_kind(dtype: torch.dtype) -> int:
         raise ValueError(f"W4A4 kernels: unsupported dtype {dtype} (float16, bfloat16 or float32)")
     return SCALE_KINDS[dtype]
 
+# ``fast_dequant_mode``: how the mixed-input kernels turn packed signed 4-bit weights into 16-bit operands.
+DEQUANT_REFERENCE, DEQUANT_BF16, DEQUANT_F16 = 0, 1, 2
+
+
+def fast_dequant_mode(out_dtype: torch.dtype, scale_dtype: torch.dtype, signed: bool, has_zero: bool,
+                      interpreting: bool) -> int:
+    """``DEQUANT_BF16`` / ``DEQUANT_F16`` where the packed-register conversion (``dequant_nibbles_*``) gives
+    exactly ``round16(q * s)``: signed codes without zero points, 16-bit scales (bf16 outputs: float16 or bfloat16
+    scales; float16 outputs: float16 scales), on a GPU. Else ``DEQUANT_REFERENCE`` (float32 arithmetic)."""
+    if interpreting or not signed or has_zero:
+        return DEQUANT_REFERENCE
+    if out_dtype == torch.bfloat16 and scale_dtype in (torch.float16, torch.bfloat16):
+        return DEQUANT_BF16
+    if out_dtype == torch.float16 and scale_dtype == torch.float16:
+        return DEQUANT_F16
+    return DEQUANT_REFERENCE
+
+
 if HAS_TRITON:
+    from triton.language.extra import libdevice
+
+    # On a GPU, rounding uses the hardware's round-to-nearest-even instructions; the interpreter (CPU tests) has
+    # neither libdevice nor a rounding float32 -> bfloat16 cast, so there the same results come from arithmetic.
+    NATIVE_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+    @triton.jit
+    def dequant_nibbles_bf16(packed, s_hi, s_lo):
+        # packed int8 (two signed 4-bit codes a byte) -> (low nibbles * s, high nibbles * s) in bfloat16, each
+        # rounded once from the exact product, four bytes per 32-bit register:
+        # - prmt/lop3 put two nibbles into two bfloat16 halves as 0x4300 | (q ^ 8) = 136 + q (exact), and one
+        #   fma subtracts 136;
+        # - s (float16 or bfloat16) = s_hi + s_lo with s_hi its nearest bfloat16 and s_lo the rest (at most 3
+        #   significant bits), so q * s_lo is exact in bfloat16 and fma(q, s_hi, q * s_lo) = round(q * s).
+        # sm_80 and newer (fma.rn.bf16x2). The integer-to-float conversions this avoids run at a quarter rate.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 sh, t, q, p, one, nb, nz;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 nb, 0xC308C308;
+            mov.b32 nz, 0x80008000;
+            shr.u32 sh, $4, 4;
+            prmt.b32 t, $4, 0, 0x0100;
+            lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6a;
+            fma.rn.bf16x2 q, t, one, nb;
+            fma.rn.bf16x2 p, q, $7, nz;
+            fma.rn.bf16x2 $0, q, $5, p;
+            prmt.b32 t, $4, 0, 0x0302;
+            lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6a;
+            fma.rn.bf16x2 q, t, one, nb;
+            fma.rn.bf16x2 p, q, $8, nz;
+            fma.rn.bf16x2 $1, q, $6, p;
+            prmt.b32 t, sh, 0, 0x0100;
+            lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6a;
+            fma.rn.bf16x2 q, t, one, nb;
+            fma.rn.bf16x2 p, q, $7, nz;
+            fma.rn.bf16x2 $2, q, $5, p;
+            prmt.b32 t, sh, 0, 0x0302;
+            lop3.b32 t, t, 0x000F000F, 0x43084308, 0x6a;
+            fma.rn.bf16x2 q, t, one, nb;
+            fma.rn.bf16x2 p, q, $8, nz;
+            fma.rn.bf16x2 $3, q, $6, p;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, s_hi, s_lo], dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=4)
+
+    @triton.jit
+    def dequant_nibbles_f16(packed, s):
+        # dequant_nibbles_bf16 for float16 outputs and scales: 0x6400 | (q ^ 8) = 1032 + q, one fma subtracts
+        # 1032, one fma with -0 multiplies by s rounding once.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 sh, t, q, one, nb, nz;
+            mov.b32 one, 0x3C003C00;
+            mov.b32 nb, 0xE408E408;
+            mov.b32 nz, 0x80008000;
+            shr.u32 sh, $4, 4;
+            prmt.b32 t, $4, 0, 0x0100;
+            lop3.b32 t, t, 0x000F000F, 0x64086408, 0x6a;
+            fma.rn.f16x2 q, t, one, nb;
+            fma.rn.f16x2 $0, q, $5, nz;
+            prmt.b32 t, $4, 0, 0x0302;
+            lop3.b32 t, t, 0x000F000F, 0x64086408, 0x6a;
+            fma.rn.f16x2 q, t, one, nb;
+            fma.rn.f16x2 $1, q, $6, nz;
+            prmt.b32 t, sh, 0, 0x0100;
+            lop3.b32 t, t, 0x000F000F, 0x64086408, 0x6a;
+            fma.rn.f16x2 q, t, one, nb;
+            fma.rn.f16x2 $2, q, $5, nz;
+            prmt.b32 t, sh, 0, 0x0302;
+            lop3.b32 t, t, 0x000F000F, 0x64086408, 0x6a;
+            fma.rn.f16x2 q, t, one, nb;
+            fma.rn.f16x2 $3, q, $6, nz;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r", args=[packed, s], dtype=(tl.float16, tl.float16), is_pure=True,
+            pack=4)
 
     @triton.jit
     def round_half_even(t):
-        # torch.round semantics, so kernel codes equal the PyTorch quantizer's; libdevice.rint is not available
-        # under the interpreter.
+        # torch.round semantics, so kernel codes equal the PyTorch quantizer's.
+        if NATIVE_ROUNDING:
+            return libdevice.rint(t)
         r = tl.floor(t)
         frac = t - r
         odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
@@ -43,6 +141,8 @@ if HAS_TRITON:
         # to even. bfloat16 by bit arithmetic: the interpreter's float32 -> bfloat16 cast truncates.
         if KIND == 0:
             v = v.to(tl.float16).to(tl.float32)
+        elif KIND == 1 and NATIVE_ROUNDING:
+            v = v.to(tl.bfloat16).to(tl.float32)
         elif KIND == 1:
             bits = v.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -101,4 +201,5 @@ if HAS_TRITON:
         return lo, hi
 
 else:  # pragma: no cover
+    dequant_nibbles_bf16 = dequant_nibbles_f16 = None
     round_half_even = round_to = stored_scale = quantize_group = quantize_groups = unpack_nibbles = None

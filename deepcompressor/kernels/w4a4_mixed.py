@@ -37,7 +37,10 @@ from ..quant.functional import fake_quantize
 from .triton_utils import (
     HAS_TRITON,
     SCALE_KINDS,
+    dequant_nibbles_bf16,
+    dequant_nibbles_f16,
     dtype_kind,
+    fast_dequant_mode,
     quantize_groups,
     round_to,
     tl,
@@ -140,10 +143,56 @@ if HAS_TRITON:
                 tl.store(d_ptr, down, mask=row_mask[:, None])
 
     @triton.jit
+    def _act_chunk_kernel(
+        X, SMOOTH, L2T, STATIC_SCALE, STATIC_ZERO, XQ, DOWN,
+        M, K, stride_xm, stride_qm, stride_dc, stride_dm, GPC: tl.constexpr,
+        X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK: tl.constexpr,
+        LR_IEEE: tl.constexpr, DOWN_ROUND: tl.constexpr,
+        STATIC: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
+        SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        # One program: BLOCK_M rows x one chunk of GPC groups, no loop: the tile is loaded as [rows, groups, 64]
+        # (the group reductions run along its last axis, no reshape before them) and everything after the load
+        # depends on it alone, so the GPU keeps many programs' loads in flight.
+        pid_m = tl.program_id(0)
+        chunk = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        groups = chunk * GPC + tl.arange(0, GPC)
+        g_mask = groups < K // 64
+        c = tl.arange(0, 64)
+        cols = groups[:, None] * 64 + c[None, :]  # [GPC, 64]
+        mask = row_mask[:, None, None] & g_mask[None, :, None]
+        x = tl.load(X + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            s = tl.load(SMOOTH + cols, mask=g_mask[:, None], other=1.0).to(tl.float32)
+            x = round_to(tl.math.div_rn(x, s[None, :, :]), X_KIND)
+        q, scale = quantize_groups(x, STATIC_SCALE, STATIC_ZERO, groups, g_mask, STATIC, SYMMETRIC, HAS_ZERO, QMIN,
+                                    QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
+        xq = round_to(q * scale[:, :, None], X_KIND)
+        tl.store(XQ + rows64[:, None, None] * stride_qm + cols[None, :, :], xq.to(XQ.dtype.element_ty), mask=mask)
+        if HAS_LOWRANK:
+            ranks = tl.arange(0, RANK)
+            kk = chunk * GPC * 64 + tl.arange(0, GPC * 64)
+            l2 = tl.load(L2T + kk[:, None] * RANK + ranks[None, :], mask=(kk < K)[:, None], other=0.0)
+            x2 = tl.reshape(x, (BLOCK_M, GPC * 64))
+            if LR_IEEE:
+                down = tl.dot(x2, l2.to(tl.float32), input_precision="ieee")
+            else:
+                down = tl.dot(x2.to(L2T.dtype.element_ty), l2)
+            d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
+            if DOWN_ROUND:
+                tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
+            else:
+                tl.store(d_ptr, down, mask=row_mask[:, None])
+
+    @triton.jit
     def _dequant_weight_kernel(
         B, B_SCALES, B_ZERO, L1T, OUT, N, K, stride_on, GPP: tl.constexpr,
         OUT_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-        RANK: tl.constexpr, BLOCK_N: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_N: tl.constexpr, DEQ: tl.constexpr,
     ):  # fmt: skip
         # One program: BLOCK_N outputs x GPP groups, read with one load (packed bytes are contiguous per output).
         pid_n = tl.program_id(0)
@@ -151,21 +200,41 @@ if HAS_TRITON:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rn64 = rn.to(tl.int64)
-        c = tl.arange(0, GPP * 32)
-        group = pid_g * GPP + c // 32
-        ok = n_mask[:, None] & (group < K // 64)[None, :]
-        packed = tl.load(B + rn64[:, None] * (K // 2) + (pid_g * GPP * 32 + c)[None, :], mask=ok, other=0)
-        lo, hi = unpack_nibbles(packed, B_SIGNED)
-        lo = lo.to(tl.float32)
-        hi = hi.to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(B_ZERO + group[None, :] * N + rn[:, None], mask=ok, other=0).to(tl.float32)
-            lo = lo - z
-            hi = hi - z
-        s = tl.load(B_SCALES + group[None, :] * N + rn[:, None], mask=ok, other=0.0).to(tl.float32)
-        out = OUT + rn64[:, None] * stride_on + (group * 64 + c % 32)[None, :]
-        tl.store(out, round_to(lo * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
-        tl.store(out + 32, round_to(hi * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
+        if DEQ == 0:
+            c = tl.arange(0, GPP * 32)
+            group = pid_g * GPP + c // 32
+            ok = n_mask[:, None] & (group < K // 64)[None, :]
+            packed = tl.load(B + rn64[:, None] * (K // 2) + (pid_g * GPP * 32 + c)[None, :], mask=ok, other=0)
+            lo, hi = unpack_nibbles(packed, B_SIGNED)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + group[None, :] * N + rn[:, None], mask=ok, other=0).to(tl.float32)
+                lo = lo - z
+                hi = hi - z
+            s = tl.load(B_SCALES + group[None, :] * N + rn[:, None], mask=ok, other=0.0).to(tl.float32)
+            out = OUT + rn64[:, None] * stride_on + (group * 64 + c % 32)[None, :]
+            tl.store(out, round_to(lo * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
+            tl.store(out + 32, round_to(hi * s, OUT_KIND).to(OUT.dtype.element_ty), mask=ok)
+        else:
+            # GPU: one scale load per (output, group), four codes converted per register (dequant_nibbles_*).
+            group = pid_g * GPP + tl.arange(0, GPP)
+            c = tl.arange(0, 32)
+            ok2 = n_mask[:, None] & (group < K // 64)[None, :]
+            ok = ok2[:, :, None]
+            packed = tl.load(B + rn64[:, None, None] * (K // 2) + (group * 32)[None, :, None] + c[None, None, :],
+                             mask=ok, other=0)
+            s = tl.load(B_SCALES + group[None, :] * N + rn[:, None], mask=ok2, other=0.0)
+            s3 = tl.broadcast_to(s[:, :, None], (BLOCK_N, GPP, 32))
+            if DEQ == 1:
+                s32 = s3.to(tl.float32)
+                s_hi = s32.to(tl.bfloat16)
+                lo, hi = dequant_nibbles_bf16(packed, s_hi, (s32 - s_hi.to(tl.float32)).to(tl.bfloat16))
+            else:
+                lo, hi = dequant_nibbles_f16(packed, s3.to(tl.float16))
+            out = OUT + rn64[:, None, None] * stride_on + (group * 64)[None, :, None] + c[None, None, :]
+            tl.store(out, lo.to(OUT.dtype.element_ty), mask=ok)
+            tl.store(out + 32, hi.to(OUT.dtype.element_ty), mask=ok)
         if HAS_LOWRANK:  # noqa: SIM102 - a compile-time switch around a run-time test
             if pid_g == 0:
                 ranks = tl.arange(0, RANK)
@@ -175,23 +244,48 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB: tl.constexpr, KIND: tl.constexpr,
-                              B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, DTYPE: tl.constexpr):
+                              B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, DTYPE: tl.constexpr,
+                              DEQ: tl.constexpr):
         # Groups g0 .. g0+GB of the weight, dequantized in registers as two [32 GB, BLOCK_N] tiles: row c of the
         # low tile is input 64 (g0 + c // 32) + c % 32, which the packed byte g0 * 32 + c holds in its low nibble
         # (its high nibble holds the input 32 later, row c of the high tile), so one load brings the whole block.
-        c = tl.arange(0, GB * 32)
-        group = g0 + c // 32
-        w_mask = (group < g_end)[:, None] & n_mask[None, :]
-        packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask, other=0)
-        lo, hi = unpack_nibbles(packed, B_SIGNED)
-        lo = lo.to(tl.float32)
-        hi = hi.to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(B_ZERO + group[:, None] * N + rn[None, :], mask=w_mask, other=0).to(tl.float32)
-            lo = lo - z
-            hi = hi - z
-        s = tl.load(B_SCALES + group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        return round_to(lo * s, KIND).to(DTYPE), round_to(hi * s, KIND).to(DTYPE)
+        if DEQ == 0:
+            c = tl.arange(0, GB * 32)
+            group = g0 + c // 32
+            w_mask = (group < g_end)[:, None] & n_mask[None, :]
+            packed = tl.load(B + rn.to(tl.int64)[None, :] * (K // 2) + (g0 * 32 + c)[:, None], mask=w_mask,
+                             other=0)
+            lo, hi = unpack_nibbles(packed, B_SIGNED)
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(B_ZERO + group[:, None] * N + rn[None, :], mask=w_mask, other=0).to(tl.float32)
+                lo = lo - z
+                hi = hi - z
+            s = tl.load(B_SCALES + group[:, None] * N + rn[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            w_lo = round_to(lo * s, KIND).to(DTYPE)
+            w_hi = round_to(hi * s, KIND).to(DTYPE)
+        else:
+            # GPU: the scales read once per (group, output) and broadcast over the group's 32 bytes in registers
+            # (not re-read per weight), the codes converted four bytes per register (dequant_nibbles_*).
+            group = g0 + tl.arange(0, GB)
+            g_mask = group < g_end
+            c = tl.arange(0, 32)
+            packed = tl.load(B + rn.to(tl.int64)[None, None, :] * (K // 2) + (group * 32)[:, None, None]
+                             + c[None, :, None], mask=g_mask[:, None, None] & n_mask[None, None, :], other=0)
+            s = tl.load(B_SCALES + group[:, None] * N + rn[None, :], mask=g_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            s3 = tl.broadcast_to(s[:, None, :], (GB, 32, s.shape[1]))
+            if DEQ == 1:
+                s32 = s3.to(tl.float32)
+                s_hi = s32.to(tl.bfloat16)
+                s_lo = (s32 - s_hi.to(tl.float32)).to(tl.bfloat16)
+                lo3, hi3 = dequant_nibbles_bf16(packed, s_hi, s_lo)
+            else:
+                lo3, hi3 = dequant_nibbles_f16(packed, s3.to(tl.float16))
+            w_lo = tl.reshape(lo3, (GB * 32, s.shape[1])).to(DTYPE)
+            w_hi = tl.reshape(hi3, (GB * 32, s.shape[1])).to(DTYPE)
+        return w_lo, w_hi
 
     @triton.jit
     def _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE: tl.constexpr):
@@ -206,7 +300,7 @@ if HAS_TRITON:
     @triton.jit
     def _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask,
                              GB: tl.constexpr, Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr,
-                             IEEE: tl.constexpr, A_DTYPE: tl.constexpr):
+                             IEEE: tl.constexpr, A_DTYPE: tl.constexpr, DEQ: tl.constexpr):
         # acc += xq[:, groups g0 .. g0+GB) @ dequantized W[those groups, :]^T, the activation columns read in the
         # order of the weight tiles (_dequant_weight_block).
         c = tl.arange(0, GB * 32)
@@ -216,7 +310,7 @@ if HAS_TRITON:
         a_lo = tl.load(a_rows + k_lo[None, :], mask=a_mask, other=0.0)
         a_hi = tl.load(a_rows + k_lo[None, :] + 32, mask=a_mask, other=0.0)
         w_lo, w_hi = _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB, Y_KIND, B_SIGNED,
-                                           HAS_ZERO, A_DTYPE)
+                                           HAS_ZERO, A_DTYPE, DEQ)
         return _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE)
 
     @triton.jit
@@ -225,7 +319,7 @@ if HAS_TRITON:
         M, N, K, stride_xm, stride_dc, stride_ym, GPS: tl.constexpr, SPLITS: tl.constexpr,
         Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-        GB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        GB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEQ: tl.constexpr,
     ):  # fmt: skip
         # Row tiles vary fastest, so the programs that share a weight tile run together and read it once from HBM.
         pid_m = tl.program_id(0)
@@ -243,7 +337,7 @@ if HAS_TRITON:
         g_end = tl.minimum(split * GPS + GPS, groups)
         for g0 in range(split * GPS, g_end, GB):
             acc = _mixed_block_product(acc, a_rows, B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, m_mask, n_mask, GB,
-                                       Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty)
+                                       Y_KIND, B_SIGNED, HAS_ZERO, IEEE, XQ.dtype.element_ty, DEQ)
         if HAS_LOWRANK:
             # The up projection is linear: each range adds (its partial down projection) @ L1^T.
             ranks = tl.arange(0, RANK)
@@ -290,7 +384,7 @@ if HAS_TRITON:
         QMIN: tl.constexpr, QMAX: tl.constexpr, QSYM: tl.constexpr, SYM_ZERO: tl.constexpr,
         SCALE_KIND: tl.constexpr, TINY: tl.constexpr, FMAX: tl.constexpr,
         B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEQ: tl.constexpr,
     ):  # fmt: skip
         # The whole layer in one launch for very few rows: each program fake-quantizes the slice of x it multiplies
         # (repeated by every output tile, which costs little at <= 16 rows and saves the activation kernel's launch),
@@ -332,13 +426,17 @@ if HAS_TRITON:
             a_lo = tl.reshape(a_lo, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
             a_hi = tl.reshape(a_hi, (BLOCK_M, GB * 32)).to(X.dtype.element_ty)
             w_lo, w_hi = _dequant_weight_block(B, B_SCALES, B_ZERO, g0, g_end, K, N, rn, n_mask, GB, X_KIND,
-                                               B_SIGNED, HAS_ZERO, X.dtype.element_ty)
+                                               B_SIGNED, HAS_ZERO, X.dtype.element_ty, DEQ)
             acc = _dot_halves(acc, a_lo, a_hi, w_lo, w_hi, IEEE)
         if HAS_LOWRANK:
             l1 = tl.load(L1T + ranks[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(down, l1, acc, input_precision="ieee")
         _split_epilogue(acc, Y, PART, COUNT, BIAS, rm64, rn, m_mask, n_mask, M, N, split, pid_n, stride_ym, X_KIND,
                         SPLITS, HAS_BIAS, SPLIT)
+
+
+def _dequant_mode(dtype: torch.dtype, w_scale: torch.Tensor, signed: bool, w_zero: torch.Tensor | None) -> int:
+    return fast_dequant_mode(dtype, w_scale.dtype, signed, w_zero is not None, _interpreting())
 
 
 def _quant_flags(spec: QuantSpec, static: bool) -> dict:
@@ -353,7 +451,8 @@ def _quant_flags(spec: QuantSpec, static: bool) -> dict:
 def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch.Tensor, *,
                                   smooth: torch.Tensor | None = None, l2t: torch.Tensor | None = None,
                                   static_scale: torch.Tensor | None = None, static_zero: torch.Tensor | None = None,
-                                  groups_per_chunk: int = 4, block_m: int | None = None) -> torch.Tensor | None:
+                                  groups_per_chunk: int = 4, block_m: int | None = None,
+                                  variant: str | None = None) -> torch.Tensor | None:
     """Write ``xq`` into ``out[:, :K]``. With a branch, returns the down projection's float32 partial sums
     ``[chunks, M, R]`` over chunks of ``groups_per_chunk`` groups of 64 inputs (unrolled: keep it small), or None
     when K is a single chunk and ``out`` has the R extra columns, which then receive it rounded to x's dtype.
@@ -376,6 +475,17 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         block_m = 16 if _interpreting() or m <= 16 else 32
     dummy = out
     grid = (triton.cdiv(m, block_m), chunks)
+    if (variant or ACT_KERNEL) == "chunk":
+        warps = 8 if block_m * gpc * 64 >= 8192 else 4
+        _act_chunk_kernel[grid](
+            x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
+            static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
+            out, down, m, k, x2d.stride(0), out.stride(0), m * rank, down.stride(0) if partial is None else rank, gpc,
+            X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, HAS_LOWRANK=l2t is not None, RANK=rank,
+            LR_IEEE=x2d.dtype == torch.float32 or _interpreting(), DOWN_ROUND=partial is None,
+            **_quant_flags(spec, static_scale is not None), BLOCK_M=block_m, num_warps=warps,
+        )
+        return partial
     _fake_quant_act_kernel[grid](
         x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
         static_scale if static_scale is not None else dummy, static_zero if static_zero is not None else dummy,
@@ -388,6 +498,8 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
     return partial
 
 
+# Activation kernel: "chunk" (one tile per program, no loop) or "loop" (_fake_quant_act_kernel).
+ACT_KERNEL = os.environ.get("VAR_COMPRESSOR_W4A4_ACT", "chunk")
 MAX_SPLITS = 32
 MAX_GROUPS_PER_SPLIT = 16
 TILED_GROUPS_PER_STEP = 2  # K step of 128 in the row-tiled loop
@@ -423,7 +535,8 @@ def dequantize_weight_triton(packed: torch.Tensor, w_scale: torch.Tensor, w_zero
     _dequant_weight_kernel[grid](
         packed.view(torch.int8), w_scale, w_zero if w_zero is not None else out, l1t if l1t is not None else out,
         out, n, k, out.stride(0), gpp, OUT_KIND=dtype_kind(out.dtype), B_SIGNED=signed, HAS_ZERO=w_zero is not None,
-        HAS_LOWRANK=l1t is not None, RANK=rank, BLOCK_N=block_n, num_warps=4,
+        HAS_LOWRANK=l1t is not None, RANK=rank, BLOCK_N=block_n,
+        DEQ=_dequant_mode(out.dtype, w_scale, signed, w_zero), num_warps=4,
     )
     return out
 
@@ -546,6 +659,7 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
         GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n,
+        DEQ=_dequant_mode(xq.dtype, w_scale, w_signed, w_zero),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
@@ -583,7 +697,8 @@ def w4a4_fused_gemv_triton(x2d: torch.Tensor, spec: QuantSpec, w_packed: torch.T
         **{("HAS_ZERO_A" if key == "HAS_ZERO" else key): value
            for key, value in _quant_flags(spec, static_scale is not None).items()},
         B_SIGNED=w_signed, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        BLOCK_M=16, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=16, BLOCK_N=config.block_n, DEQ=_dequant_mode(x2d.dtype, w_scale, w_signed, w_zero),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 
