@@ -4,6 +4,9 @@ is chosen, and the kernels that use it assembled for sm_90 and sm_80 by the inst
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +89,34 @@ def test_fast_paths_assemble_for_the_gpu(arch):
         assert counts[f"{name}/{DEQUANT_BF16}"]["fma.rn.bf16x2"] > 0
         assert counts[f"{name}/{DEQUANT_F16}"]["fma.rn.f16x2"] > 0
     assert counts["act_chunk"]["cvt.rni"] > 0  # hardware rounding, not the interpreter's arithmetic
+
+
+def _round_f32(value) -> np.float32:
+    """A rational rounded to the nearest float32, ties to even (exactly, without double rounding)."""
+    f = np.float32(float(value))
+    best = None
+    for cand in (np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))):
+        err = abs(Fraction(float(cand)) - value)
+        even = (int(np.array(cand).view(np.uint32)) & 1) == 0
+        if best is None or err < best[0] or (err == best[0] and even):
+            best = (err, cand)
+    return best[1]
+
+
+def _fma(a, b, c) -> np.float32:
+    return _round_f32(Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c)))
+
+
+def test_reciprocal_division_is_correctly_rounded():
+    # div_by on a GPU: q = x * r, e = fma(-q, d, x), fma(e, r, q) with r = 1 / d rounded; equal to x / d rounded
+    # (numpy's float32 division is IEEE) for activations, smoothing factors and float16 scales.
+    gen = np.random.default_rng(0)
+    xs = (gen.standard_normal(3000) * 10.0 ** gen.uniform(-6, 4, 3000)).astype(np.float32)
+    xs[:20] = 0.0
+    ds = np.concatenate([10.0 ** gen.uniform(-4, 4, 1500), gen.uniform(6.1e-5, 1.0, 1500)]).astype(np.float32)
+    ds[:10] = np.float32(7.0)
+    for x, d in zip(xs, ds, strict=True):
+        r = np.float32(1.0) / d
+        q = np.float32(x * r)
+        e = _fma(-q, d, x)
+        assert _fma(e, r, q) == np.float32(x / d), (x, d)

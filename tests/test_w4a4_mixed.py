@@ -298,3 +298,47 @@ def test_fused_gemv_equals_the_two_kernel_path_and_float64(m, splits):
     assert (fused[0].double() - two_kernels.double()).abs().max().item() <= 2**-7 * scale
     with pytest.raises(ValueError, match="at most 16 rows"):
         dispatch.forward_fused(torch.randn(17, 320).bfloat16(), ops)
+
+
+@pytest.mark.parametrize("smooth", [True, False])
+def test_lowrank_down_kernel_equals_float64_of_the_smoothed_inputs(smooth):
+    from deepcompressor.kernels.w4a4_mixed import lowrank_down_triton
+
+    gen = torch.Generator().manual_seed(3)
+    x = _x(37, 320, torch.bfloat16, seed=4)
+    s = (torch.rand(320, generator=gen) + 0.3).bfloat16() if smooth else None
+    l2t = (torch.randn(320, 32, generator=gen) * 0.1).bfloat16()
+    wide = torch.full((37, 320 + 32), float("nan"), dtype=torch.bfloat16)
+    out = lowrank_down_triton(x, l2t, wide[:, 320:], smooth=s)
+    xs = x / s if smooth else x  # PyTorch's bfloat16 division: the operand FakeQuantLinear multiplies
+    exact = xs.double() @ l2t.double()
+    assert out.data_ptr() == wide[:, 320:].data_ptr() and not wide[:, 320:].isnan().any()
+    # float32 accumulation, one rounding to bfloat16: within one bfloat16 ulp of the exact product
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    with pytest.raises(ValueError, match="row-major"):
+        lowrank_down_triton(x, l2t, torch.empty(36, 32, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", ["svdquant", "static_inputs"])
+def test_dequant_backend_with_separate_down_projection_equals_the_fused_one(case):
+    fake = _fake(**LAYER_CASES[case]).to(torch.bfloat16)
+    real = W4A4Linear.from_fake(fake, backend="dequant")
+    x = (torch.randn(70, 192, generator=torch.Generator().manual_seed(9)) * 3).bfloat16()
+    ops = real.operands(torch.bfloat16)
+    fused = dispatch.forward_dequant(x, ops)
+    separate = dispatch.forward_dequant(x, ops, {"lowrank": "separate"})
+    # The same operands (xq bit for bit, down rounded once in both): equal up to the order of float32 sums.
+    scale = fused.double().abs().max().item()
+    assert (separate.double() - fused.double()).abs().max().item() <= 2**-8 * scale
+    ref = fake(x)
+    assert (separate.double() - ref.double()).abs().max().item() <= 2**-6 * scale
+
+
+def test_candidates_per_row_count():
+    device = torch.device("cpu")
+    few = dispatch._candidates(16, 2048, 2048, device)
+    many = dispatch._candidates(4096, 2048, 2048, device)
+    assert {c["backend"] for c in few} == {"gemv", "dequant"}  # fused is never timed: 10-300x slower on an H200
+    assert [c.get("config") for c in many] == [None, {"lowrank": "separate"}]
+    mid = dispatch._candidates(512, 2048, 2048, device)
+    assert [c["backend"] for c in mid] == ["tiled", "dequant", "dequant"]

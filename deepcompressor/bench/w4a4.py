@@ -37,7 +37,7 @@ from tqdm import tqdm
 logger = logging.getLogger("deepcompressor.bench.w4a4")
 
 DEFAULT_ROWS = (2, 8, 32, 64, 256, 1024, 4608, 8192)
-GPU_BACKENDS = ("bf16", "int", "fused", "gemv", "tiled", "dequant", "auto")
+GPU_BACKENDS = ("bf16", "int", "gemv", "dequant", "auto")  # fused and tiled on request (--backends)
 CHECK_ROWS = 256
 L2_FLUSH_BYTES = 2 * 60 * 2**20  # twice an H100/H200 L2
 GENERATION_PN = "1M"

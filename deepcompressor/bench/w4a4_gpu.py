@@ -124,12 +124,20 @@ def _check_mixed(fake, real, x: torch.Tensor, tokens: int) -> dict:
     exact = (xq_ref.double() @ fake.main_weight(dtype).double().t()
              + (xs.double() @ l2t.double()) @ real._cast("lowrank_l1t", dtype).double()
              + fake.bias.to(dtype).double())
+    from ..kernels.w4a4_dispatch import forward_dequant
+
     out = {}
-    for backend, rows in (("gemv", min(64, tokens)), ("tiled", tokens), ("dequant", tokens)):
-        layer = W4A4Linear.from_fake(fake, backend=backend)
+    for backend, rows in (("gemv", min(64, tokens)), ("tiled", tokens), ("dequant", tokens),
+                          ("dequant_separate_lowrank", tokens)):
+        layer = W4A4Linear.from_fake(fake, backend=backend.split("_")[0])
+        if backend == "dequant_separate_lowrank":
+            ops = layer.operands(dtype)
+            call = lambda xr, ops=ops: forward_dequant(xr, ops, {"lowrank": "separate"})
+        else:
+            call = layer
         xq = torch.empty(xd.shape[0], k + l2t.shape[1], dtype=dtype, device=xd.device)
         fake_quant_activations_triton(xd, real.ispec, xq, smooth=smooth, l2t=l2t)
-        y1, y2 = layer(xd[:rows]), layer(xd[:rows])
+        y1, y2 = call(xd[:rows]), call(xd[:rows])
         err = _rel(y1, exact[:rows])
         xq_equal = bool(torch.equal(xq[:, :k], xq_ref))
         deterministic = bool(torch.equal(y1, y2))

@@ -11,7 +11,7 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "SCALE_KINDS", "dequant_nibbles_bf16", "dequant_nibbles_f16", "dtype_kind",
+__all__ = ["HAS_TRITON", "SCALE_KINDS", "dequant_nibbles_bf16", "dequant_nibbles_f16", "div_by", "dtype_kind",
            "fast_dequant_mode", "quantize_group", "quantize_groups", "round_half_even", "round_to", "tl", "triton",
            "unpack_nibbles"]
 
@@ -125,6 +125,19 @@ if HAS_TRITON:
             pack=4)
 
     @triton.jit
+    def div_by(x, d, r):
+        # x / d rounded to nearest (PyTorch's true division), with r = 1 / d rounded to nearest (computed once per
+        # channel or group by the caller). On a GPU: one multiply and two fmas (Markstein: q = x r is within an
+        # ulp of x / d, and q + r (x - q d) is then the correctly rounded quotient for operands and quotients in
+        # the normal range); div.rn costs several more instructions and, for x = 0 (padded rows), a slow-path
+        # call. The interpreter has no exact fma: it divides.
+        if NATIVE_ROUNDING:
+            q = x * r
+            e = tl.fma(-q, d, x)
+            return tl.fma(e, r, q)
+        return tl.math.div_rn(x, d)
+
+    @triton.jit
     def round_half_even(t):
         # torch.round semantics, so kernel codes equal the PyTorch quantizer's.
         if NATIVE_ROUNDING:
@@ -168,14 +181,17 @@ if HAS_TRITON:
                 zero = tl.zeros_like(zero) + tl.load(STATIC_ZERO + g, mask=g_mask, other=0.0)[None, :]
         elif SYMMETRIC:
             absmax = tl.max(tl.abs(x3), axis=2)
-            scale = stored_scale(tl.math.div_rn(absmax, tl.zeros_like(absmax) + QSYM), SCALE_KIND, TINY, FMAX)
+            qsym = tl.zeros_like(absmax) + QSYM
+            scale = stored_scale(div_by(absmax, qsym, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), qsym)),
+                                 SCALE_KIND, TINY, FMAX)
         else:
             xmin = tl.minimum(tl.min(x3, axis=2), 0.0)
             xmax = tl.maximum(tl.max(x3, axis=2), 0.0)
             span = tl.zeros_like(xmin) + (QMAX - QMIN)
             scale = stored_scale(tl.math.div_rn(xmax - xmin, span), SCALE_KIND, TINY, FMAX)
             zero = tl.minimum(tl.maximum(round_half_even(QMIN - tl.math.div_rn(xmin, scale)), QMIN), QMAX)
-        q = round_half_even(tl.math.div_rn(x3, scale[:, :, None])) + zero[:, :, None]
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        q = round_half_even(div_by(x3, scale[:, :, None], inv[:, :, None])) + zero[:, :, None]
         q = tl.minimum(tl.maximum(q, QMIN), QMAX) - zero[:, :, None]
         return q, scale
 
@@ -201,5 +217,5 @@ if HAS_TRITON:
         return lo, hi
 
 else:  # pragma: no cover
-    dequant_nibbles_bf16 = dequant_nibbles_f16 = None
+    dequant_nibbles_bf16 = dequant_nibbles_f16 = div_by = None
     round_half_even = round_to = stored_scale = quantize_group = quantize_groups = unpack_nibbles = None

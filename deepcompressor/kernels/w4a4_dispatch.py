@@ -48,6 +48,7 @@ from .w4a4_mixed import (
     dequantize_weight_triton,
     fake_quant_activations_triton,
     gemv_workspace,
+    lowrank_down_triton,
     split_plan,
     tiled_gemm_configs,
     w4a4_fused_gemv_triton,
@@ -140,16 +141,21 @@ def _padded_rank(ops: LinearOperands) -> int:
     return 0 if ops.l1t is None else ops.l1t.shape[0]
 
 
-def forward_dequant(x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
-    """``[xq | down] @ [W | L1]^T + bias`` with one cuBLAS GEMM (weights dequantized into the shared workspace)."""
+def forward_dequant(x2d: torch.Tensor, ops: LinearOperands, config: dict | None = None) -> torch.Tensor:
+    """``[xq | down] @ [W | L1]^T + bias`` with one cuBLAS GEMM (weights dequantized into the shared workspace).
+    ``config["lowrank"]``: ``"fused"`` (default) computes ``down`` inside the activation kernel, ``"separate"`` in
+    its own kernel (``lowrank_down_triton``), which wins at many rows."""
     _check_mixed(x2d, ops.name, "dequant")
     m, k = x2d.shape
     n = ops.w_packed.shape[0]
     rank = _padded_rank(ops)
     a = torch.empty(m, k + rank, dtype=x2d.dtype, device=x2d.device)
-    partial = fake_quant_activations_triton(x2d, ops.spec, a, smooth=ops.smooth, l2t=ops.l2t,
+    separate = rank > 0 and (config or {}).get("lowrank") == "separate"
+    partial = fake_quant_activations_triton(x2d, ops.spec, a, smooth=ops.smooth, l2t=None if separate else ops.l2t,
                                             static_scale=ops.static_scale, static_zero=ops.static_zero)
-    if partial is not None:
+    if separate:
+        lowrank_down_triton(x2d, ops.l2t, a[:, k:], smooth=ops.smooth)
+    elif partial is not None:
         a[:, k:] = partial.sum(0)
     ws = weight_workspace.get(x2d.device, x2d.dtype, n * (k + rank)).view(-1)[: n * (k + rank)].view(n, k + rank)
     dequantize_weight_triton(ops.w_packed, ops.w_scale, ops.w_zero, ops.w_signed, ws, l1t=ops.l1t)
@@ -311,25 +317,29 @@ def _rule(m: int) -> dict:
 
 
 def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
+    # ``fused`` is not among them: it re-quantizes the activations in every output tile, which an H200 measured at
+    # 10-300x the two-kernel ``gemv`` (2026-12-04).
     out = []
-    if m <= FUSED_MAX_ROWS:
-        for block_n in (64, 128):
-            cfg = default_gemv_config(m, n, k, _sm_count(device), block_n=block_n)
-            out.append({"backend": "fused", "config": cfg.as_dict()})
     if m <= GEMV_MAX_ROWS:
         seen = set()
-        for block_n in (None, 64, 128, 256):
+        for block_n in (None, 64, 128):
             cfg = default_gemv_config(m, n, k, _sm_count(device), block_n=block_n)
-            if cfg not in seen:
-                seen.add(cfg)
-                out.append({"backend": "gemv", "config": cfg.as_dict()})
+            # also half the K ranges: fewer, longer programs (fewer partial tiles to sum)
+            for variant in (cfg, GemvConfig(cfg.block_n, max(1, cfg.splits // 2), cfg.num_warps)):
+                if variant not in seen:
+                    seen.add(variant)
+                    out.append({"backend": "gemv", "config": variant.as_dict()})
     elif m <= TILED_MAX_ROWS:
-        out.extend({"backend": "tiled", "config": cfg.as_dict()} for cfg in tiled_gemm_configs())
+        out.append({"backend": "tiled", "config": tiled_gemm_configs()[0].as_dict()})
     out.append({"backend": "dequant"})
+    if m > GEMV_MAX_ROWS:
+        out.append({"backend": "dequant", "config": {"lowrank": "separate"}})
     return out
 
 
 def _run_choice(choice: dict, x2d: torch.Tensor, ops: LinearOperands) -> torch.Tensor:
+    if choice["backend"] == "dequant":
+        return forward_dequant(x2d, ops, choice.get("config"))
     cfg = choice.get("config")
     cfg = None if cfg is None else GemvConfig(**cfg)
     if choice["backend"] == "fused":

@@ -39,6 +39,7 @@ from .triton_utils import (
     SCALE_KINDS,
     dequant_nibbles_bf16,
     dequant_nibbles_f16,
+    div_by,
     dtype_kind,
     fast_dequant_mode,
     quantize_groups,
@@ -58,6 +59,7 @@ __all__ = [
     "fake_quant_activations_torch",
     "fake_quant_activations_triton",
     "gemv_workspace",
+    "lowrank_down_triton",
     "split_plan",
     "tiled_gemm_configs",
     "w4a4_fused_gemv_triton",
@@ -168,7 +170,8 @@ if HAS_TRITON:
         x = tl.load(X + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             s = tl.load(SMOOTH + cols, mask=g_mask[:, None], other=1.0).to(tl.float32)
-            x = round_to(tl.math.div_rn(x, s[None, :, :]), X_KIND)
+            inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+            x = round_to(div_by(x, s[None, :, :], inv[None, :, :]), X_KIND)
         q, scale = quantize_groups(x, STATIC_SCALE, STATIC_ZERO, groups, g_mask, STATIC, SYMMETRIC, HAS_ZERO, QMIN,
                                     QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
         xq = round_to(q * scale[:, :, None], X_KIND)
@@ -187,6 +190,37 @@ if HAS_TRITON:
                 tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
             else:
                 tl.store(d_ptr, down, mask=row_mask[:, None])
+
+    @triton.jit
+    def _lowrank_down_kernel(
+        X, SMOOTH, L2T, DOWN, M, K, stride_xm, stride_dm, X_KIND: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+        RANK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # down = round16(x / s) @ L2^T for BLOCK_M rows, K streamed in steps (pipelined loads, one float32
+        # accumulator): the branch's down projection on its own, for many rows, where computing it inside the
+        # activation kernel keeps too much alive at once.
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+        ranks = tl.arange(0, RANK)
+        acc = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = kk < K
+            x = tl.load(X + rows64[:, None] * stride_xm + kk[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            if HAS_SMOOTH:
+                s = tl.load(SMOOTH + kk, mask=k_mask, other=1.0).to(tl.float32)
+                inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+                x = round_to(div_by(x.to(tl.float32), s[None, :], inv[None, :]), X_KIND)
+            l2 = tl.load(L2T + kk[:, None] * RANK + ranks[None, :], mask=k_mask[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(x.to(tl.float32), l2.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(L2T.dtype.element_ty), l2, acc)
+        tl.store(DOWN + rows64[:, None] * stride_dm + ranks[None, :],
+                 round_to(acc, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
     def _dequant_weight_kernel(
@@ -316,7 +350,7 @@ if HAS_TRITON:
     @triton.jit
     def _mixed_gemm_kernel(
         XQ, DOWNP, B, B_SCALES, B_ZERO, L1T, BIAS, Y, PART, COUNT,
-        M, N, K, stride_xm, stride_dc, stride_ym, GPS: tl.constexpr, SPLITS: tl.constexpr,
+        M, N, K, stride_xm, stride_dc, stride_ym, GPS, SPLITS,
         Y_KIND: tl.constexpr, B_SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_LOWRANK: tl.constexpr,
         RANK: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
         GB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEQ: tl.constexpr,
@@ -350,7 +384,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _split_epilogue(acc, Y, PART, COUNT, BIAS, rm64, rn, m_mask, n_mask, M, N, split, tile_index, stride_ym,
-                        Y_KIND: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+                        Y_KIND: tl.constexpr, SPLITS, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
         # One range of K: write the output tile. Several: store this range's partial tile; the program that
         # arrives last sums all of them in range order (deterministic), adds the bias and rounds once.
         out_mask = m_mask[:, None] & n_mask[None, :]
@@ -364,7 +398,7 @@ if HAS_TRITON:
             arrived = tl.atomic_add(counter, 1)
             if arrived == SPLITS - 1:
                 total = tl.zeros(acc.shape, dtype=tl.float32)
-                for t in tl.static_range(SPLITS):
+                for t in range(SPLITS):  # run-time count: one compiled kernel for every split plan
                     total += tl.load(PART + t * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -500,6 +534,27 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
 
 # Activation kernel: "chunk" (one tile per program, no loop) or "loop" (_fake_quant_act_kernel).
 ACT_KERNEL = os.environ.get("VAR_COMPRESSOR_W4A4_ACT", "chunk")
+def lowrank_down_triton(x2d: torch.Tensor, l2t: torch.Tensor, out: torch.Tensor, *,
+                        smooth: torch.Tensor | None = None, block_m: int = 32, block_k: int = 128) -> torch.Tensor:
+    """``out [M, R] = round16(x / s) @ L2^T`` (float32 accumulation, rounded once to ``out``'s dtype); ``out`` may
+    be a column slice of a wider buffer (the ``[xq | down]`` operand)."""
+    m, k = x2d.shape
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    rank = l2t.shape[1]
+    if tuple(out.shape) != (m, rank) or out.stride(1) != 1:
+        raise ValueError(f"lowrank_down: output {tuple(out.shape)} is not a row-major [{m}, {rank}] view")
+    if _interpreting():
+        block_m, block_k = 16, 64
+    _lowrank_down_kernel[(triton.cdiv(m, block_m),)](
+        x2d, smooth if smooth is not None else l2t, l2t, out, m, k, x2d.stride(0), out.stride(0),
+        X_KIND=dtype_kind(x2d.dtype), HAS_SMOOTH=smooth is not None, RANK=rank,
+        IEEE=x2d.dtype == torch.float32 or _interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        num_stages=4,
+    )
+    return out
+
+
 MAX_SPLITS = 32
 MAX_GROUPS_PER_SPLIT = 16
 TILED_GROUPS_PER_STEP = 2  # K step of 128 in the row-tiled loop
@@ -564,12 +619,21 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-def _groups_per_step(groups_per_split: int, block_n: int) -> int:
+def _groups_per_step(groups_per_split: int, block_n: int, block_m: int = 16) -> int:
     """Groups per step of the mixed GEMM's loop: a whole split range when it is short (one load of each operand),
-    bounded so the dequantized tile ``[32 GB, BLOCK_N]`` stays within shared memory; else a K step of 128."""
+    bounded so that the step's 16-bit operand tiles (``[BLOCK_M, 32 GB]`` and ``[32 GB, BLOCK_N]``, two halves,
+    double-buffered: about ``256 GB (BLOCK_M + BLOCK_N)`` bytes) stay within an H100/H200's shared memory; else a
+    K step of 128."""
     if groups_per_split > MAX_GROUPS_PER_SPLIT:
         return TILED_GROUPS_PER_STEP
-    return max(1, min(_pow2_at_least(groups_per_split), WEIGHT_TILE_ELEMENTS // (32 * block_n)))
+    fit = max(1, SHARED_MEMORY_BUDGET // (256 * (block_m + block_n)))
+    bound = 1
+    while bound * 2 <= min(fit, WEIGHT_TILE_ELEMENTS // (32 * block_n)):
+        bound *= 2
+    return max(1, min(_pow2_at_least(groups_per_split), bound))
+
+
+SHARED_MEMORY_BUDGET = 200 * 1024
 
 
 def _block_m(m: int) -> int:
@@ -658,7 +722,7 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        GB=_groups_per_step(groups_per_split, config.block_n), BLOCK_M=block_m, BLOCK_N=config.block_n,
+        GB=_groups_per_step(groups_per_split, config.block_n, block_m), BLOCK_M=block_m, BLOCK_N=config.block_n,
         DEQ=_dequant_mode(xq.dtype, w_scale, w_signed, w_zero),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
