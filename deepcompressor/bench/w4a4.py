@@ -351,8 +351,11 @@ def format_table(res: dict) -> str:
             cells.append(f"{ms[b]:8.4f} {speed.get(b, float('nan')):6.2f}" if b in ms else f"{'':>8} {'':>6}")
         choice = row.get("auto_choice") or {}
         pick = choice.get("backend", "-")
-        if choice.get("config"):
-            pick += f" bn{choice['config']['block_n']}/s{choice['config']['splits']}"
+        config = choice.get("config") or {}
+        if "block_n" in config:
+            pick += f" bn{config['block_n']}/s{config['splits']}"
+        elif config.get("lowrank") == "separate":
+            pick += " lr-sep"
         bf16 = f"{ms['bf16']:8.4f}" if "bf16" in ms else f"{'-':>8}"
         lines.append(f"{row['arch']:<4} {row['layer']:<25} {row['M']:>5} {row['N']:>6} {row['K']:>6} | {bf16} | "
                      + " | ".join(cells) + f" | {pick:<16} | {row['check_vs_torch_path_rel']:7.1e}")

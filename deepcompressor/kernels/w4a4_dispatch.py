@@ -324,8 +324,9 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
         seen = set()
         for block_n in (None, 64, 128):
             cfg = default_gemv_config(m, n, k, _sm_count(device), block_n=block_n)
-            # also half the K ranges: fewer, longer programs (fewer partial tiles to sum)
-            for variant in (cfg, GemvConfig(cfg.block_n, max(1, cfg.splits // 2), cfg.num_warps)):
+            # also a quarter of the K ranges, each a pipelined loop of several steps: fewer programs, fewer
+            # partial tiles to sum, loads of the next step in flight during the current one
+            for variant in (cfg, GemvConfig(cfg.block_n, max(1, cfg.splits // 4), cfg.num_warps, 0, 4)):
                 if variant not in seen:
                     seen.add(variant)
                     out.append({"backend": "gemv", "config": variant.as_dict()})

@@ -509,7 +509,9 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
         block_m = 16 if _interpreting() or m <= 16 else 32
     dummy = out
     grid = (triton.cdiv(m, block_m), chunks)
-    if (variant or ACT_KERNEL) == "chunk":
+    # One tile per program only while the tile is small: at 8+ groups of 64 it spills (an H200 measured a
+    # 16-row, 32-group tile at 10x the looping kernel).
+    if (variant or ACT_KERNEL) == "chunk" and gpc <= ACT_CHUNK_MAX_GROUPS:
         warps = 8 if block_m * gpc * 64 >= 8192 else 4
         _act_chunk_kernel[grid](
             x2d, smooth if smooth is not None else dummy, l2t if l2t is not None else dummy,
@@ -534,6 +536,7 @@ def fake_quant_activations_triton(x2d: torch.Tensor, spec: QuantSpec, out: torch
 
 # Activation kernel: "chunk" (one tile per program, no loop) or "loop" (_fake_quant_act_kernel).
 ACT_KERNEL = os.environ.get("VAR_COMPRESSOR_W4A4_ACT", "chunk")
+ACT_CHUNK_MAX_GROUPS = 4
 def lowrank_down_triton(x2d: torch.Tensor, l2t: torch.Tensor, out: torch.Tensor, *,
                         smooth: torch.Tensor | None = None, block_m: int = 32, block_k: int = 128) -> torch.Tensor:
     """``out [M, R] = round16(x / s) @ L2^T`` (float32 accumulation, rounded once to ``out``'s dtype); ``out`` may
@@ -619,14 +622,15 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-def _groups_per_step(groups_per_split: int, block_n: int, block_m: int = 16) -> int:
+def _groups_per_step(groups_per_split: int, block_n: int, block_m: int = 16, stages: int = 2) -> int:
     """Groups per step of the mixed GEMM's loop: a whole split range when it is short (one load of each operand),
-    bounded so that the step's 16-bit operand tiles (``[BLOCK_M, 32 GB]`` and ``[32 GB, BLOCK_N]``, two halves,
-    double-buffered: about ``256 GB (BLOCK_M + BLOCK_N)`` bytes) stay within an H100/H200's shared memory; else a
-    K step of 128."""
+    bounded so that a step's shared memory stays within an H100/H200's: per pipeline stage the activation halves
+    (``128 GB BLOCK_M`` bytes) and the packed weights (``32 GB BLOCK_N``), once the dequantized weight halves
+    (``128 GB BLOCK_N``); else a K step of 128."""
     if groups_per_split > MAX_GROUPS_PER_SPLIT:
         return TILED_GROUPS_PER_STEP
-    fit = max(1, SHARED_MEMORY_BUDGET // (256 * (block_m + block_n)))
+    per_group = stages * (128 * block_m + 32 * block_n) + 128 * block_n
+    fit = max(1, SHARED_MEMORY_BUDGET // per_group)
     bound = 1
     while bound * 2 <= min(fit, WEIGHT_TILE_ELEMENTS // (32 * block_n)):
         bound *= 2
@@ -722,7 +726,8 @@ def w4a4_mixed_gemm_triton(xq: torch.Tensor, down_partial: torch.Tensor | None, 
         groups_per_split, splits, Y_KIND=dtype_kind(xq.dtype), B_SIGNED=w_signed, HAS_ZERO=w_zero is not None,
         HAS_LOWRANK=l1t is not None, RANK=rank, IEEE=_interpreting() or xq.dtype == torch.float32,
         HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        GB=_groups_per_step(groups_per_split, config.block_n, block_m), BLOCK_M=block_m, BLOCK_N=config.block_n,
+        GB=_groups_per_step(groups_per_split, config.block_n, block_m, config.num_stages), BLOCK_M=block_m,
+        BLOCK_N=config.block_n,
         DEQ=_dequant_mode(xq.dtype, w_scale, w_signed, w_zero),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
