@@ -5,15 +5,16 @@ Backends (``W4A4Linear(backend=...)``):
 - ``int`` (alias ``triton``): ``kernels.w4a4``, exact int32 products per group of 64: the bit-exact model of INT4
   tensor-core hardware (Jetson Orin, Ampere, Ada). Any dtype.
 - ``fused``: at most 16 rows, the whole layer in one kernel (each program fake-quantizes the slice of x it reads).
-  16-bit activations on CUDA.
+  16-bit activations on CUDA. Never chosen by ``auto``: an H200 measured it at 2-15x the time of ``gemv``.
 - ``gemv``: ``kernels.w4a4_mixed`` for few tokens (at most 128 rows): activations fake-quantized by one kernel, then
   one split-K kernel that dequantizes the weights in registers. 16-bit activations on CUDA.
 - ``tiled``: the same two kernels with row tiles (any row count): the weights read as 4-bit codes and dequantized
   in registers, no workspace. 16-bit activations on CUDA.
-- ``dequant``: activations fake-quantized into ``[xq | down]``, the layer's weights dequantized into a reusable
-  workspace ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
+- ``dequant``: activations fake-quantized into ``[xq | down]`` (``down`` inside the activation kernel, or with the
+  config ``{"lowrank": "separate"}`` by its own kernel), the layer's weights dequantized into a reusable workspace
+  ``[W | L1]``, one cuBLAS GEMM with the bias. 16-bit activations on CUDA.
 - ``torch``: the PyTorch path of ``kernels.w4a4`` (CPU).
-- ``auto``: on CUDA with 16-bit activations, the fastest of ``fused`` / ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape
+- ``auto``: on CUDA with 16-bit activations, the fastest of ``gemv`` / ``tiled`` / ``dequant`` for this GPU, shape
   and dtype, measured once and cached on disk (``w4a4_dispatch.json`` under ``$VAR_COMPRESSOR_CACHE``, default
   ``~/.cache/var-compressor``); float32 activations take ``int``; CPU tensors ``torch``. While a CUDA graph is being
   captured nothing is timed: an unmeasured shape takes the rule ``gemv`` up to 64 rows, else ``dequant``.
@@ -318,7 +319,7 @@ def _rule(m: int) -> dict:
 
 def _candidates(m: int, n: int, k: int, device: torch.device) -> list[dict]:
     # ``fused`` is not among them: it re-quantizes the activations in every output tile, which an H200 measured at
-    # 10-300x the two-kernel ``gemv`` (2026-12-04).
+    # 2-15x the time of the two-kernel ``gemv`` (2026-12-04).
     out = []
     if m <= GEMV_MAX_ROWS:
         seen = set()
