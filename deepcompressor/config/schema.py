@@ -54,6 +54,8 @@ ARCHS = ("2b", "8b", "tiny")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 RESOLUTION_PRESETS = ("0.06M", "0.25M", "0.60M", "1M")
+# The quality benchmark's metrics (evaluation.metrics.METRICS; the config does not import evaluation).
+EVAL_METRICS = ("clip_iqa", "clip_score", "fid", "image_reward", "psnr", "ssim", "lpips")
 # Kinds of the transformer's linear layers (names in INTERFACES.md); ``deepcompressor.nn.layer_map`` maps module
 # names to them and the skip lists below are checked against this tuple.
 LAYER_KINDS = (
@@ -403,19 +405,52 @@ class KVCacheConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation of a quantized model.
+    """Held-out evaluation of a quantized model (diagnostics and the quality benchmark).
 
     Args:
         prompt_offset: Evaluation prompts start at this index of the prompt set (disjoint from calibration).
         num_prompts: Number of held-out prompts.
-        seed: Sampling seed.
+        seed: Sampling seed (the quality benchmark seeds sample ``i`` of a benchmark with ``seed + i``).
         num_tokens: Token budget of the activation/KV diagnostics.
+        benchmarks: Quality benchmark prompt sets: ``MJHQ``, ``DCI``, or a YAML ``id: caption`` file; empty: the
+            shipped smoke set.
+        num_samples: Samples per benchmark (a seeded subset, stratified by MJHQ category); 0: all of them.
+        gt_metrics: Metrics of the quality benchmark (``evaluation.metrics.METRICS``).
+        ref_root: Folder of the reference (full-precision) run that paired metrics compare against.
+        gen_root: Folder this run writes its images and results into.
+        artifacts: PTQ artifact directory (``--base-path``) read when weight or activation quantization is on.
+        enable_weight_quant: Fake-quantized weights (their inputs stay 16-bit unless ``enable_activation_quant``).
+        enable_activation_quant: Fake-quantized layer inputs (16-bit weights unless ``enable_weight_quant``).
+        enable_kv_quant: The quantized KV cache of ``kv.calib_path``.
+        mjhq_root: MJHQ-30K folder (``meta_data.json`` and its category folders).
+        dci_root: sDCI folder (its prompt file and images).
+        inception_weights: Inception weights file for FID (torch-fidelity's ``pt_inception-2015-12-05`` file).
+        clip_path: Local transformers CLIP folder for CLIP score and CLIP-IQA.
+        lpips_weights: Local weights of the LPIPS network.
+        image_reward_path: Local ImageReward checkpoint (needs the optional ``image-reward`` package).
+        fid_cache: Folder of cached FID reference statistics (one file per benchmark and extractor).
     """
 
     prompt_offset: int = 512
     num_prompts: int = 4
     seed: int = 1234
     num_tokens: int = 12288
+    benchmarks: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    gt_metrics: list[str] = field(default_factory=lambda: list(EVAL_METRICS), metadata={"choices": EVAL_METRICS})
+    ref_root: str = ""
+    gen_root: str = ""
+    artifacts: str = ""
+    enable_weight_quant: bool = False
+    enable_activation_quant: bool = False
+    enable_kv_quant: bool = False
+    mjhq_root: str = ""
+    dci_root: str = ""
+    inception_weights: str = ""
+    clip_path: str = ""
+    lpips_weights: str = ""
+    image_reward_path: str = ""
+    fid_cache: str = "runs/cache/fid"
 
     def check(self) -> Issues:
         if self.prompt_offset < 0:
@@ -424,6 +459,8 @@ class EvalConfig:
             yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
         if self.num_tokens < 1:
             yield "num_tokens", f"must be >= 1, got {self.num_tokens}"
+        if self.num_samples < 0:
+            yield "num_samples", f"must be >= 0 (0: every sample), got {self.num_samples}"
 
 
 @dataclass
@@ -469,6 +506,16 @@ class RunConfig:
 
 # Dotted keys whose values are filesystem paths: ``~`` and ``${ENV_VAR}`` are expanded in them.
 PATH_KEYS = (
+    "eval.ref_root",
+    "eval.gen_root",
+    "eval.artifacts",
+    "eval.mjhq_root",
+    "eval.dci_root",
+    "eval.inception_weights",
+    "eval.clip_path",
+    "eval.lpips_weights",
+    "eval.image_reward_path",
+    "eval.fid_cache",
     "pipeline.transformer_path",
     "pipeline.vae_path",
     "pipeline.text_encoder_path",

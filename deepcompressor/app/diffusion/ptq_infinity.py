@@ -442,8 +442,9 @@ def ptq_summary(result: PTQResult, config_files: list[str]) -> str:
         "next:",
         (f"  python -m deepcompressor.app.diffusion.calibrate_cache_quantization {chain} "
          f"--kv-artifact-dir {result.directory}      # KV-cache scales through this model"),
-        (f"  python -m evaluation.benchmark_assembled_model {chain} --artifacts {result.directory}"
-         "      # image quality against full precision"),
+        (f"  python -m evaluation.benchmark_assembled_model {chain} --base-path {result.directory} "
+         "--enable_weight_quant true --enable_activation_quant true --ref-root REF      # image quality against a "
+         "reference run (the same command without the toggles, --gen-root REF)"),
         (f"  python infinity_w4a4_test.py {chain} --artifacts {result.directory}      # real W4A4 kernels: "
          "latency and memory"),
     ]
