@@ -142,18 +142,22 @@ def test_a_rerun_reuses_the_images_and_recomputes_the_metrics(reference_and_quan
 
 def test_small_models_give_every_model_metric(reference_and_quantized):
     from deepcompressor.config import load_config
-    from evaluation.benchmark_assembled_model import preflight, score
+    from evaluation.benchmark_assembled_model import run
     from tests.eval_small_models import small_metric_models
 
     root, ref, gen, artifacts, _ = reference_and_quantized
+    names = ["psnr", "ssim", "lpips", "clip_score", "clip_iqa", "fid", "image_reward"]
     cfg = load_config([TINY, "configs/svdquant/int4.yaml"], {
         "pipeline.device": "cpu", "eval.num_samples": 3, "eval.ref_root": str(ref), "eval.gen_root": str(gen),
         "eval.artifacts": str(artifacts), "eval.enable_weight_quant": True, "eval.enable_activation_quant": True,
-        "eval.gt_metrics": ["psnr", "ssim", "lpips", "clip_score", "fid"], "eval.fid_cache": ""})
-    metrics = score(cfg, preflight(cfg), small_metric_models(root / "small_models"))["smoke"]["metrics"]
-    for name in ("psnr", "ssim", "lpips", "clip_score", "fid"):
+        "eval.gt_metrics": names, "eval.fid_cache": ""})
+    run(cfg, models=small_metric_models(root / "small_models"))  # the images exist: only the metrics run
+    results = json.loads((gen / "results.json").read_text())
+    metrics = results["benchmarks"]["smoke"]["metrics"]
+    for name in names:
         assert isinstance(metrics[name]["value"], float), (name, metrics[name])
     assert metrics["lpips"]["value"] > 0 and metrics["fid"]["reference"] == "generated"
+    assert results["generation_per_rank"][0]["generated"] == 0
 
 
 def test_each_toggle_quantizes_what_it_names(ptq_run, tmp_path):
