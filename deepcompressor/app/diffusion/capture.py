@@ -16,8 +16,8 @@ scales (the generation stops there). The capture of one prompt is a :class:`Prom
 Cache: ``collect.cache_dir/<key>/`` with ``key.json`` (what the key was computed from) and one
 ``prompt_XXXX.pt`` per prompt, each written atomically. The key covers the model identity (architecture, file
 paths, seed, random init, block dtype, device type, fingerprints of the transformer and text-encoder weights),
-the prompt texts and the sampling settings, so any change captures anew; a file that does not validate is
-captured again.
+the prompt texts, the sampling settings and, on the CPU, torch's thread count, so any change captures anew; a
+file that does not validate is captured again.
 """
 
 from __future__ import annotations
@@ -304,8 +304,13 @@ def check_capture_finite(xs: list[torch.Tensor], text: dict, caption: str) -> No
 
 
 def capture_key_data(identity: dict, prompts: list[tuple[str, str]], settings: CaptureSettings) -> dict:
-    return {"format": CAPTURE_FORMAT, "model": identity, "prompts": [list(p) for p in prompts],
+    data = {"format": CAPTURE_FORMAT, "model": identity, "prompts": [list(p) for p in prompts],
             "settings": settings.as_dict()}
+    if identity.get("device_type") == "cpu":
+        # CPU products sum in an order that depends on the thread count: a capture made with another count differs
+        # in its last bits, enough to move the tiny model's calibrated numbers, so it is not reused.
+        data["cpu_threads"] = torch.get_num_threads()
+    return data
 
 
 def load_or_capture(model, text_encoder, prompts: list[tuple[str, str]], settings: CaptureSettings, identity: dict,
