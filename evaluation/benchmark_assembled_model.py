@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from deepcompressor.app.diffusion.artifacts import IDENTITY_KEYS, ArtifactError, load_artifacts
-from deepcompressor.app.diffusion.capture import PromptFileError, load_prompt_set, parse_prompt_yaml
+from deepcompressor.app.diffusion.capture import PromptFileError, load_prompt_set
 from deepcompressor.config import RunConfig, parse_cli, save_config
 from deepcompressor.config.dump import config_to_dict
 from deepcompressor.utils.files import sha256_file, sha256_json, write_json, write_text
@@ -146,24 +146,16 @@ def _calibration_captions(cfg: RunConfig) -> list[str]:
         return []  # no readable calibration set: nothing to exclude (the PTQ run checked its own)
 
 
-def _prompt_file_samples(path: Path, num_samples: int, seed: int, exclude) -> list:
-    from .benchmarks import Sample, stratified_subset
-
-    try:
-        pairs = parse_prompt_yaml(path.read_text(encoding="utf-8"), str(path), "eval.benchmarks")
-    except (OSError, UnicodeDecodeError) as error:
-        raise EvalError(f"eval.benchmarks: {path}: cannot be read ({error})") from None
-    excluded = {c.strip().casefold() for c in exclude}
-    samples = [Sample(path.stem, pid, caption, None, None) for pid, caption in pairs
-               if caption.strip().casefold() not in excluded]
-    if num_samples and num_samples < len(samples):
-        samples = sorted(stratified_subset(samples, lambda s: "", num_samples, seed), key=lambda s: s.sample_id)
-    return samples
-
-
 def resolve_benchmarks(cfg: RunConfig) -> list[BenchmarkSet]:
     """The prompt sets of this run, each checked and subset (no image is read, no model built)."""
-    from .benchmarks import DatasetMissingError, canonical_benchmark, check_benchmark, load_samples, smoke_samples
+    from .benchmarks import (
+        DatasetMissingError,
+        canonical_benchmark,
+        check_benchmark,
+        load_samples,
+        prompt_file_samples,
+        smoke_samples,
+    )
 
     e = cfg.eval
     exclude = _calibration_captions(cfg)
@@ -175,7 +167,11 @@ def resolve_benchmarks(cfg: RunConfig) -> list[BenchmarkSet]:
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise EvalError(f"eval.benchmarks: prompt file {path} not found")
-            sets.append(BenchmarkSet(path.stem, _prompt_file_samples(path, e.num_samples, e.seed, exclude)))
+            try:
+                samples = prompt_file_samples(path, e.num_samples, e.seed, exclude_captions=exclude)
+            except ValueError as error:
+                raise EvalError(str(error)) from None
+            sets.append(BenchmarkSet(path.stem, samples))
             continue
         try:
             canonical = canonical_benchmark(name)
@@ -360,8 +356,9 @@ def score(cfg: RunConfig, pre: Preflight, models=None) -> dict:
                            f"{missing[0]})"
             else:
                 references = [read_png(p) for p in paths]
-        real = None
-        if all(s.image_path is not None and Path(s.image_path).is_file() for s in bench.samples):
+        real = None  # the dataset's photos are read only for FID
+        if "fid" in e.gt_metrics and all(s.image_path is not None and Path(s.image_path).is_file()
+                                         for s in bench.samples):
             real = [np.asarray(Image.open(s.image_path).convert("RGB")) for s in bench.samples]
         fid_cache = Path(e.fid_cache) / f"{bench.name}.pt" if e.fid_cache and real is not None else None
         metrics = compute_metrics(e.gt_metrics, images=images, captions=captions, references=references,

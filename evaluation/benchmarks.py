@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
 __all__ = [
     "BENCHMARKS",
     "SMOKE",
@@ -53,6 +51,7 @@ __all__ = [
     "canonical_benchmark",
     "check_benchmark",
     "load_samples",
+    "prompt_file_samples",
     "smoke_samples",
     "stratified_subset",
 ]
@@ -174,39 +173,16 @@ def _read_json_object(path: Path) -> dict:
     return data
 
 
-def _read_id_caption_yaml(path: Path, text: str | None = None) -> list[tuple[str, str]]:
-    """``(id, caption)`` pairs of a YAML ``id: caption`` mapping, in file order. Read through the node tree (safe
-    loader) so an id stays as written (``0512`` is not the octal number 330), a repeated id is an error instead of
-    silently keeping the last one, and an empty caption is an error instead of the prompt ``"None"``."""
-    if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: cannot be read ({error})") from None
+def _read_id_caption_yaml(path: Path, key: str = "eval.benchmarks") -> list[tuple[str, str]]:
+    """``(id, caption)`` pairs of a YAML ``id: caption`` file, as every prompt file of the project is read
+    (``parse_prompt_yaml``: ids kept as written, duplicate ids and empty captions refused)."""
+    from deepcompressor.app.diffusion.capture import parse_prompt_yaml
+
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ValueError(f"{path}: invalid YAML{line}: {getattr(error, 'problem', None) or error}") from None
-    if not isinstance(node, yaml.MappingNode) or not node.value:
-        raise ValueError(f"{path}: must be a non-empty YAML mapping of id: caption")
-    pairs, seen = [], {}
-    for key_node, value_node in node.value:
-        line = key_node.start_mark.line + 1
-        if not isinstance(key_node, yaml.ScalarNode) or not key_node.value.strip():
-            raise ValueError(f"{path} line {line}: an id must be a plain non-empty scalar")
-        pid = key_node.value.strip()
-        if pid in seen:
-            raise ValueError(f"{path} line {line}: duplicate id {pid!r} (first on line {seen[pid]})")
-        seen[pid] = line
-        caption = value_node.value.strip() if isinstance(value_node, yaml.ScalarNode) else None
-        if caption is None:  # a list or mapping (a data error, hence ValueError)
-            raise ValueError(f"{path} line {line}: the caption of id {pid!r} must be text")
-        if not caption or (value_node.tag == "tag:yaml.org,2002:null" and value_node.style is None):
-            raise ValueError(f"{path} line {line}: empty caption for id {pid!r}")
-        pairs.append((pid, caption))
-    return pairs
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot be read ({error})") from None
+    return parse_prompt_yaml(text, str(path), key)
 
 
 def _mjhq_entries(root: Path, key: str) -> list[_Entry]:
@@ -239,7 +215,7 @@ def _dci_prompt_file(root: Path, key: str) -> Path:
 def _dci_entries(root: Path, key: str) -> list[_Entry]:
     path = _dci_prompt_file(root, key)
     if path.suffix == ".yaml":
-        pairs = _read_id_caption_yaml(path)
+        pairs = _read_id_caption_yaml(path, key)
     else:
         pairs = []
         for pid, caption in _read_json_object(path).items():
@@ -326,6 +302,15 @@ def smoke_samples(num_samples: int = 0, seed: int = 0, exclude_captions: Collect
     """The shipped smoke set (``evaluation/data/smoke_prompts.yaml``), subset like ``load_samples``."""
     entries = _smoke_entries()
     return _subset(SMOKE, entries, _safe_ids(entries, SMOKE_FILE), None, num_samples, seed, exclude_captions)
+
+
+def prompt_file_samples(path: str | Path, num_samples: int = 0, seed: int = 0,
+                        exclude_captions: Collection[str] = ()) -> list[Sample]:
+    """A YAML ``id: caption`` file as a benchmark named after the file (e.g. the paper's figure prompts), subset
+    like ``load_samples``."""
+    path = Path(path)
+    entries = [_Entry(pid, caption, None) for pid, caption in _read_id_caption_yaml(path)]
+    return _subset(path.stem, entries, _safe_ids(entries, path), None, num_samples, seed, exclude_captions)
 
 
 def stratified_subset(items: Sequence[T], category: Callable[[T], str], n: int, seed: int) -> list[T]:

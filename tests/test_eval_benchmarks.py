@@ -320,3 +320,14 @@ def test_smoke_subset():
     assert smoke_samples(100) == smoke_samples(0) == smoke_samples()
     assert load_samples("smoke", root=None, num_samples=3, seed=1, key="unused") == three
     check_benchmark("SMOKE", None, "unused")
+
+
+def test_prompt_file_as_a_benchmark(tmp_path):
+    from evaluation.benchmarks import prompt_file_samples
+
+    path = tmp_path / "figure.yaml"
+    path.write_text("'0512': a fox\nb/1: a boat\nc: a tree\n", encoding="utf-8")
+    samples = prompt_file_samples(path, exclude_captions=["A TREE"])
+    assert [(s.benchmark, s.sample_id, s.caption) for s in samples] == [("figure", "0512", "a fox"),
+                                                                      ("figure", "b_1", "a boat")]
+    assert len(prompt_file_samples(path, num_samples=2, seed=3)) == 2

@@ -77,7 +77,8 @@ def parse_prompt_yaml(text: str, source: str, key: str = "collect.prompts") -> l
         line = f" (line {where.line + 1})" if where is not None else ""
         raise PromptFileError(f"{key}: {source}: invalid YAML{line}: {getattr(error, 'problem', error)}") from None
     if not isinstance(node, yaml.MappingNode) or not node.value:
-        raise PromptFileError(f"{key}: {source} must be a non-empty mapping of id: caption")
+        raise PromptFileError(f"{key}: {source} must be a non-empty mapping of id: caption (a non-empty YAML "
+                              "mapping, not a list or a single value)")
     prompts, seen = [], {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode) or not key_node.value.strip():
