@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
     tl = None
 
 __all__ = ["HAS_TRITON", "SCALE_KINDS", "dequant_nibbles_bf16", "dequant_nibbles_f16", "div_by", "dtype_kind",
-           "fast_dequant_mode", "quantize_group", "quantize_groups", "round_half_even", "round_to", "tl", "triton",
+           "fast_dequant_mode", "quantize_group", "quantize_groups", "round_half_even", "round_to", "smooth_divide", "tl", "triton",
            "unpack_nibbles"]
 
 import torch
@@ -138,6 +138,13 @@ if HAS_TRITON:
         return tl.math.div_rn(x, d)
 
     @triton.jit
+    def smooth_divide(x, s, KIND: tl.constexpr):
+        # x / s rounded to x's dtype, as PyTorch divides a 16-bit tensor by the smoothing factors (s broadcast
+        # against x; its reciprocal computed once per factor).
+        inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        return round_to(div_by(x, s, inv), KIND)
+
+    @triton.jit
     def round_half_even(t):
         # torch.round semantics, so kernel codes equal the PyTorch quantizer's.
         if NATIVE_ROUNDING:
@@ -217,5 +224,5 @@ if HAS_TRITON:
         return lo, hi
 
 else:  # pragma: no cover
-    dequant_nibbles_bf16 = dequant_nibbles_f16 = div_by = None
+    dequant_nibbles_bf16 = dequant_nibbles_f16 = div_by = smooth_divide = None
     round_half_even = round_to = stored_scale = quantize_group = quantize_groups = unpack_nibbles = None

@@ -39,11 +39,11 @@ from .triton_utils import (
     SCALE_KINDS,
     dequant_nibbles_bf16,
     dequant_nibbles_f16,
-    div_by,
     dtype_kind,
     fast_dequant_mode,
     quantize_groups,
     round_to,
+    smooth_divide,
     tl,
     triton,
     unpack_nibbles,
@@ -138,11 +138,17 @@ if HAS_TRITON:
                 else:
                     down = tl.dot(xl, l2, down)
         if HAS_LOWRANK:
-            d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
-            if DOWN_ROUND:
-                tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
-            else:
-                tl.store(d_ptr, down, mask=row_mask[:, None])
+            _store_down(down, DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :], row_mask,
+                        X_KIND, DOWN_ROUND)
+
+    @triton.jit
+    def _store_down(down, d_ptr, row_mask, X_KIND: tl.constexpr, DOWN_ROUND: tl.constexpr):
+        # A chunk's down projection: rounded to x's dtype into the operand's last columns (one chunk), or float32
+        # partial sums (several).
+        if DOWN_ROUND:
+            tl.store(d_ptr, round_to(down, X_KIND).to(d_ptr.dtype.element_ty), mask=row_mask[:, None])
+        else:
+            tl.store(d_ptr, down, mask=row_mask[:, None])
 
     @triton.jit
     def _act_chunk_kernel(
@@ -170,8 +176,7 @@ if HAS_TRITON:
         x = tl.load(X + rows64[:, None, None] * stride_xm + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:
             s = tl.load(SMOOTH + cols, mask=g_mask[:, None], other=1.0).to(tl.float32)
-            inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-            x = round_to(div_by(x, s[None, :, :], inv[None, :, :]), X_KIND)
+            x = smooth_divide(x, s[None, :, :], X_KIND)
         q, scale = quantize_groups(x, STATIC_SCALE, STATIC_ZERO, groups, g_mask, STATIC, SYMMETRIC, HAS_ZERO, QMIN,
                                     QMAX, QSYM, SYM_ZERO, SCALE_KIND, TINY, FMAX)
         xq = round_to(q * scale[:, :, None], X_KIND)
@@ -185,11 +190,8 @@ if HAS_TRITON:
                 down = tl.dot(x2, l2.to(tl.float32), input_precision="ieee")
             else:
                 down = tl.dot(x2.to(L2T.dtype.element_ty), l2)
-            d_ptr = DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :]
-            if DOWN_ROUND:
-                tl.store(d_ptr, round_to(down, X_KIND).to(DOWN.dtype.element_ty), mask=row_mask[:, None])
-            else:
-                tl.store(d_ptr, down, mask=row_mask[:, None])
+            _store_down(down, DOWN + chunk * stride_dc + rows64[:, None] * stride_dm + ranks[None, :], row_mask,
+                        X_KIND, DOWN_ROUND)
 
     @triton.jit
     def _lowrank_down_kernel(
@@ -212,8 +214,7 @@ if HAS_TRITON:
                         other=0.0)
             if HAS_SMOOTH:
                 s = tl.load(SMOOTH + kk, mask=k_mask, other=1.0).to(tl.float32)
-                inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-                x = round_to(div_by(x.to(tl.float32), s[None, :], inv[None, :]), X_KIND)
+                x = smooth_divide(x.to(tl.float32), s[None, :], X_KIND)
             l2 = tl.load(L2T + kk[:, None] * RANK + ranks[None, :], mask=k_mask[:, None], other=0.0)
             if IEEE:
                 acc = tl.dot(x.to(tl.float32), l2.to(tl.float32), acc, input_precision="ieee")
