@@ -191,6 +191,9 @@ def load_pipeline(
     seed: int = 0,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    release_text_encoder: bool = False,
+    text_cache_size: int = 16,
+    nonblock_dtype: str | torch.dtype = "float32",
 ) -> InfinityPipeline:
     """Build the pipeline of a preset.
 
@@ -198,7 +201,9 @@ def load_pipeline(
     still overrides them). For ``2b``/``8b`` each part comes from its path, or, with ``random_init``, from seeded
     random weights (the text encoder then is a random flan-t5-xl-sized T5 unless ``text_encoder_path`` is given).
     Blocks and VAE run in ``dtype`` (``auto``: bfloat16 on CUDA, float32 on CPU); text projections and head in
-    float32; T5 in float16 on CUDA.
+    ``nonblock_dtype`` (:mod:`infinity.precision`); T5 in float16 on CUDA. ``release_text_encoder`` frees the T5
+    between generations (:class:`infinity.text_cache.ReleasingTextEncoder`, ``text_cache_size`` prompt lists of
+    features kept).
     """
     from .text import TextEncoder
     from .vae import load_vae, random_vae
@@ -229,18 +234,31 @@ def load_pipeline(
         raise ValueError(f"Infinity-{arch.name}: give vae_path or set random_init")
 
     if text_encoder_path:
-        text_encoder = TextEncoder.from_pretrained(text_encoder_path, device=device, dtype=t5_dtype)
+        def load_text_encoder():
+            return TextEncoder.from_pretrained(text_encoder_path, device=device, dtype=t5_dtype)
     elif arch.name == "tiny":
         from .tiny import build_tiny_text_encoder
 
-        text_encoder = build_tiny_text_encoder(seed, device)
+        def load_text_encoder():
+            return build_tiny_text_encoder(seed, device)
     elif random_init:
-        text_encoder = random_flan_t5_xl(device, t5_dtype, seed)
+        def load_text_encoder():
+            return random_flan_t5_xl(device, t5_dtype, seed)
     else:
         raise ValueError(f"Infinity-{arch.name}: give text_encoder_path or set random_init")
+    if release_text_encoder:
+        from .text_cache import ReleasingTextEncoder
+
+        text_encoder = ReleasingTextEncoder(load_text_encoder, cache_size=text_cache_size)
+    else:
+        text_encoder = load_text_encoder()
     if text_encoder.out_dim != arch.text_channels:
         raise ValueError(f"text encoder width {text_encoder.out_dim} != transformer text_channels {arch.text_channels}")
     text_encoder.max_length = min(text_encoder.max_length, arch.text_maxlen)
+    if nonblock_dtype not in ("float32", torch.float32):
+        from .precision import cast_nonblock_linears
+
+        cast_nonblock_linears(transformer, nonblock_dtype)
     return InfinityPipeline(transformer, vae, text_encoder, arch)
 
 
@@ -255,4 +273,7 @@ def pipeline_from_config(pipeline_cfg) -> InfinityPipeline:
         seed=pipeline_cfg.seed,
         device=pipeline_cfg.device,
         dtype=pipeline_cfg.dtype,
+        release_text_encoder=pipeline_cfg.release_text_encoder,
+        text_cache_size=pipeline_cfg.text_cache_size,
+        nonblock_dtype=pipeline_cfg.nonblock_dtype,
     )

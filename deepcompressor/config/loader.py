@@ -4,7 +4,8 @@ Stages, each reporting all of its problems at once and stopping before the next 
 1. every value of every layer is checked against the schema (type, list element types, choices), naming the
    file or flag that set it, even if a later layer overrides it;
 2. layers merge key by key, later wins (lists are replaced, not appended);
-3. ``~`` and ``${ENV_VAR}`` expand in the path keys;
+3. ``~`` and ``${ENV_VAR}`` expand in the path keys (with ``pipeline.random_init`` an unset variable in a model-file
+   path makes it null: random weights read no files);
 4. the sections' ``check()`` rules (ranges, required values, cross-field rules) run on the built config.
 """
 
@@ -16,11 +17,14 @@ from typing import Any
 
 from .errors import ConfigError, ConfigIssue
 from .files import Layer, file_layers, mapping_layer
-from .paths import expand_path
+from .paths import UnsetVariableError, expand_path
 from .schema import PATH_KEYS, RunConfig
 from .spec import build_config, check_value, leaf_specs
 
-__all__ = ["OVERRIDES_SOURCE", "load_config", "resolve_layers"]
+__all__ = ["OVERRIDES_SOURCE", "RANDOM_INIT_OPTIONAL_PATHS", "load_config", "resolve_layers"]
+
+# Model files that ``pipeline.random_init`` does not need: an unset ``${VAR}`` in them resolves to null.
+RANDOM_INIT_OPTIONAL_PATHS = ("pipeline.transformer_path", "pipeline.vae_path", "pipeline.text_encoder_path")
 
 OVERRIDES_SOURCE = "overrides"
 
@@ -52,11 +56,20 @@ def resolve_layers(layers: Sequence[Layer]) -> RunConfig:
 
     values = {key: value for key, (value, _) in merged.items()}
     sources = {key: source for key, (_, source) in merged.items()}
+    random_init = bool(values.get("pipeline.random_init", specs["pipeline.random_init"].default))
     for key in PATH_KEYS:
         value = values.get(key, specs[key].default)
         if isinstance(value, str):
             try:
                 values[key] = expand_path(value)
+            except UnsetVariableError as error:
+                # A model YAML names its weight files through environment variables; with random weights
+                # nothing is read, so an unset variable only means "no file" (one flag makes any chain runnable).
+                if random_init and key in RANDOM_INIT_OPTIONAL_PATHS:
+                    values[key] = None
+                else:
+                    hint = " (or pass --pipeline-random-init for random weights)" if key in RANDOM_INIT_OPTIONAL_PATHS else ""
+                    issues.append(ConfigIssue(f"{error}{hint}", key=key, source=sources.get(key)))
             except ValueError as error:
                 issues.append(ConfigIssue(str(error), key=key, source=sources.get(key)))
     if issues:

@@ -9,10 +9,14 @@ from pathlib import Path
 
 from .schema import RunConfig
 
-__all__ = ["derive_run_dirname", "expand_path", "run_dir"]
+__all__ = ["UnsetVariableError", "derive_run_dirname", "expand_path", "run_dir"]
 
 _ENV_REFERENCE = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class UnsetVariableError(ValueError):
+    """A ``${NAME}`` reference to an environment variable that is not set."""
 
 
 def expand_path(value: str, environ: Mapping[str, str] | None = None) -> str:
@@ -24,7 +28,7 @@ def expand_path(value: str, environ: Mapping[str, str] | None = None) -> str:
         if not _IDENTIFIER.fullmatch(name):
             raise ValueError(f"malformed environment variable reference {match.group(0)!r}")
         if name not in environ:
-            raise ValueError(f"environment variable {name} is not set (used in {value!r})")
+            raise UnsetVariableError(f"environment variable {name} is not set (used in {value!r})")
         return environ[name]
 
     return os.path.expanduser(_ENV_REFERENCE.sub(substitute, value))

@@ -148,6 +148,11 @@ def weights_fingerprint(module: nn.Module) -> str:
 def model_identity(pipeline_cfg, transformer: nn.Module, text_encoder) -> dict:
     """What identifies the calibrated model (stored in caches, run state and artifact manifests)."""
     p = pipeline_cfg
+    if hasattr(text_encoder, "model"):
+        text_fingerprint = weights_fingerprint(text_encoder.model)
+    else:  # an encoder that is freed between generations (pipeline.release_text_encoder)
+        with text_encoder.loaded() as encoder:
+            text_fingerprint = weights_fingerprint(encoder.model)
     return {
         "arch": p.arch,
         "transformer_path": p.transformer_path,
@@ -157,7 +162,7 @@ def model_identity(pipeline_cfg, transformer: nn.Module, text_encoder) -> dict:
         "block_dtype": str(transformer.block_dtype).removeprefix("torch."),
         "device_type": transformer.device.type,
         "transformer_fingerprint": weights_fingerprint(transformer),
-        "text_encoder_fingerprint": weights_fingerprint(text_encoder.model),
+        "text_encoder_fingerprint": text_fingerprint,
     }
 
 
