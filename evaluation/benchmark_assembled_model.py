@@ -50,6 +50,8 @@ from deepcompressor.app.diffusion.artifacts import IDENTITY_KEYS, ArtifactError,
 from deepcompressor.app.diffusion.capture import PromptFileError, load_prompt_set
 from deepcompressor.config import RunConfig, parse_cli, save_config
 from deepcompressor.config.dump import config_to_dict
+from deepcompressor.config.seed_flags import SeedFlagError, seed_bool_flags
+from deepcompressor.config.seed_flags import translate_seed_flags as translate_flags
 from deepcompressor.utils.files import sha256_file, sha256_json, write_json, write_text
 
 from .distributed import DistContext, init_distributed
@@ -73,43 +75,18 @@ class EvalError(Exception):
 
 _VALUE_FLAGS = {"--ref-root": "--eval-ref-root", "--gen-root": "--eval-gen-root", "--base-path": "--eval-artifacts",
                 "--artifacts": "--eval-artifacts", "--out": "--eval-gen-root"}
-_BOOL_FLAGS = {f"--enable{sep}{what}{sep}quant": f"eval-enable-{what}-quant"
-               for what in ("weight", "activation", "kv") for sep in ("_", "-")}
+_BOOL_FLAGS = seed_bool_flags({what: f"eval-enable-{what}-quant" for what in ("weight", "activation", "kv")})
 _LIST_FLAGS = ("--eval-benchmarks", "--eval-gt-metrics")
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def translate_seed_flags(argv: list[str]) -> list[str]:
     """The seed's spelling -> this project's flags: ``--enable_weight_quant true`` -> ``--eval-enable-weight-quant``,
     space-separated lists (``--eval-benchmarks MJHQ DCI``) -> comma-separated, ``--base-path`` / ``--ref-root`` /
     ``--gen-root`` (and today's ``--artifacts`` / ``--out``) -> their ``eval.*`` keys."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, inline = arg.partition("=")
-        if name in _BOOL_FLAGS:
-            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if eq else 2
-            if value.lower() not in _TRUE + _FALSE:
-                raise EvalError(f"{name}: expected true or false, got {value!r}")
-            out.append(("--" if value.lower() in _TRUE else "--no-") + _BOOL_FLAGS[name])
-            continue
-        if name in _VALUE_FLAGS:
-            out.append(_VALUE_FLAGS[name] + (f"={inline}" if eq else ""))
-            i += 1
-            continue
-        if name in _LIST_FLAGS and not eq:
-            items = []
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                items.extend(part for part in argv[i].split(",") if part)
-                i += 1
-            out += [name, ",".join(items)]
-            continue
-        out.append(arg)
-        i += 1
-    return out
+    try:
+        return translate_flags(argv, value_flags=_VALUE_FLAGS, bool_flags=_BOOL_FLAGS, list_flags=_LIST_FLAGS)
+    except SeedFlagError as error:
+        raise EvalError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
