@@ -64,6 +64,7 @@ def test_the_expected_files_are_shipped():
         "ablations/smoothquant.yaml",
         "ablations/svdquant.yaml",
         "ablations/w16.yaml",
+        "edge/memory.yaml",
     ):
         assert name in names
 

@@ -131,3 +131,28 @@ def test_random_init_flag_works_in_the_apps(tmp_path, monkeypatch, capsys):
         parse_cli("ptq_infinity", argv)
     assert exit_info.value.code == 0
     assert "random_init: true" in capsys.readouterr().out
+
+
+def test_edge_recipe_sets_exactly_the_memory_options():
+    import yaml
+
+    recipe = ROOT / "configs/edge/memory.yaml"
+    base = load_config([str(ROOT / "configs/models/infinity-tiny.yaml")])
+    cfg = load_config([str(ROOT / "configs/models/infinity-tiny.yaml"), str(recipe)])
+    keys = yaml.safe_load(recipe.read_text())["pipeline"]
+    assert keys and all(getattr(cfg.pipeline, k) == v for k, v in keys.items())
+    changed = {k for k in keys if getattr(base.pipeline, k) != getattr(cfg.pipeline, k)}
+    assert changed == {"release_text_encoder", "vae_tiled", "nonblock_dtype"}  # the other two are the defaults
+
+
+def test_pipeline_decodes_in_bands_when_asked(reference_pipe):
+    from infinity.pipeline import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu", vae_tile_rows=4)
+    calls = []
+    original = pipe.vae.decode
+    pipe.vae.decode = lambda codes, **kw: calls.append(kw) or original(codes, **kw)
+    got = pipe.generate(["a red fox"], seed=0, pn=PN)
+    ref = reference_pipe.generate(["a red fox"], seed=0, pn=PN)
+    assert calls == [{"tiled": True, "tile_rows": 4}]
+    assert (got.images.int() - ref.images.int()).abs().max() <= 1  # float32: within one uint8 level

@@ -90,8 +90,11 @@ class InfinityPipeline:
         arch: InfinityArch,
         cuda_graphs: bool = False,
         kv_reserve_last: bool = False,
+        vae_tile_rows: int | None = None,
     ):
         self.transformer = transformer
+        # None: the plain decode; rows per band of the tiled decode otherwise (BSQVAE.decode).
+        self.vae_tile_rows = vae_tile_rows
         self.vae = vae
         self.text_encoder = text_encoder
         self.arch = arch
@@ -150,7 +153,8 @@ class InfinityPipeline:
         self._sync()
         timings["transformer"] = time.perf_counter() - start
         start = time.perf_counter()
-        image = self.vae.decode(result.summed_codes)
+        tiled = self.vae_tile_rows is not None
+        image = self.vae.decode(result.summed_codes, tiled=tiled, tile_rows=self.vae_tile_rows)
         images = images_to_uint8_rgb(image).cpu()
         self._sync()
         timings["vae_decode"] = time.perf_counter() - start
@@ -194,6 +198,8 @@ def load_pipeline(
     release_text_encoder: bool = False,
     text_cache_size: int = 16,
     nonblock_dtype: str | torch.dtype = "float32",
+    transformer: Infinity | None = None,
+    vae_tile_rows: int | None = None,
 ) -> InfinityPipeline:
     """Build the pipeline of a preset.
 
@@ -203,7 +209,8 @@ def load_pipeline(
     Blocks and VAE run in ``dtype`` (``auto``: bfloat16 on CUDA, float32 on CPU); text projections and head in
     ``nonblock_dtype`` (:mod:`infinity.precision`); T5 in float16 on CUDA. ``release_text_encoder`` frees the T5
     between generations (:class:`infinity.text_cache.ReleasingTextEncoder`, ``text_cache_size`` prompt lists of
-    features kept).
+    features kept). ``vae_tile_rows`` decodes in bands of that many rows (``BSQVAE.decode(tiled=True)``). A given ``transformer`` (e.g. a quantized model built from its artifacts) is used as it is
+    and no transformer file is read.
     """
     from .text import TextEncoder
     from .vae import load_vae, random_vae
@@ -215,7 +222,9 @@ def load_pipeline(
     t5_dtype = torch.float16 if device.type == "cuda" else torch.float32
     logger.info("building Infinity-%s pipeline on %s (blocks %s)", arch.name, device, block_dtype)
 
-    if transformer_path:
+    if transformer is not None:
+        pass
+    elif transformer_path:
         transformer = load_transformer(transformer_path, arch, device, block_dtype)
     elif arch.name == "tiny":
         from .tiny import build_tiny_transformer
@@ -259,11 +268,12 @@ def load_pipeline(
         from .precision import cast_nonblock_linears
 
         cast_nonblock_linears(transformer, nonblock_dtype)
-    return InfinityPipeline(transformer, vae, text_encoder, arch)
+    return InfinityPipeline(transformer, vae, text_encoder, arch, vae_tile_rows=vae_tile_rows)
 
 
-def pipeline_from_config(pipeline_cfg) -> InfinityPipeline:
-    """Build from a ``PipelineConfig`` (the ``pipeline`` section of the run config)."""
+def pipeline_from_config(pipeline_cfg, transformer: Infinity | None = None) -> InfinityPipeline:
+    """Build from a ``PipelineConfig`` (the ``pipeline`` section of the run config); see ``load_pipeline`` for a
+    given ``transformer``."""
     return load_pipeline(
         arch=pipeline_cfg.arch,
         transformer_path=pipeline_cfg.transformer_path,
@@ -276,4 +286,6 @@ def pipeline_from_config(pipeline_cfg) -> InfinityPipeline:
         release_text_encoder=pipeline_cfg.release_text_encoder,
         text_cache_size=pipeline_cfg.text_cache_size,
         nonblock_dtype=pipeline_cfg.nonblock_dtype,
+        transformer=transformer,
+        vae_tile_rows=pipeline_cfg.vae_tile_rows if pipeline_cfg.vae_tiled else None,
     )

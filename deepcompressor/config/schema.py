@@ -114,6 +114,9 @@ class PipelineConfig:
             not seen (their features come from a cache of ``text_cache_size`` prompt lists). Saves the T5's ~2.3 GiB
             between generations on a device whose CPU and GPU share one memory; costs a reload per new prompt.
         text_cache_size: Prompt lists whose features ``release_text_encoder`` keeps (a few MiB each).
+        vae_tiled: Decode in bands of ``vae_tile_rows`` rows (GroupNorm statistics still over the whole image): at
+            1024x1024 in bfloat16 0.85 GiB at the peak instead of 2.4 GiB, about 1.4x the decode time.
+        vae_tile_rows: Rows per band of the tiled decode.
         nonblock_dtype: Storage and compute dtype of the linears outside the blocks (text projections, shared
             AdaLN, head): ``float32`` as the reference, or ``bfloat16`` (0.29 GiB less at 8B).
     """
@@ -135,9 +138,14 @@ class PipelineConfig:
     top_p: float = 0.97
     release_text_encoder: bool = False
     text_cache_size: int = 16
+    vae_tiled: bool = False
+    vae_tile_rows: int = 64
     nonblock_dtype: str = one_of("float32", ("float32", "bfloat16", "float16"))
 
     def check(self) -> Issues:
+        if self.vae_tile_rows < 1:
+            yield "vae_tile_rows", f"must be >= 1, got {self.vae_tile_rows}"
+
         if self.text_cache_size < 0:
             yield "text_cache_size", f"must be >= 0, got {self.text_cache_size}"
         if not self.name:
