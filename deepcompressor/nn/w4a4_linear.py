@@ -11,9 +11,12 @@ kernels of ``deepcompressor.kernels.w4a4`` (Triton on CUDA, the same arithmetic 
 inputs stay 16-bit (``quant.ipts.skips``, e.g. the cross-attention key/value projection of the text) keep the packed
 weight and dequantize it at each call.
 
-Build one from a ``FakeQuantLinear`` (``W4A4Linear.from_fake``), a whole model from its PTQ artifacts
-(``apply_artifacts`` then ``convert_to_w4a4``), or, for latency and memory measurements without calibration, from
-float weights (``synthesize_w4a4``: round-to-nearest residual of a seeded random low-rank branch and smoothing).
+Build one from a ``FakeQuantLinear`` (``W4A4Linear.from_fake``), from the state of one layer of the PTQ artifacts
+(``W4A4Linear.from_artifact``: no float weight, no ``FakeQuantLinear``), a whole model from its PTQ artifacts
+(``deepcompressor.app.diffusion.quantized_model.load_quantized_transformer``, without the full-precision model; or
+``apply_artifacts`` on the full-precision model then ``convert_to_w4a4``), or, for latency and memory measurements
+without calibration, from float weights (``synthesize_w4a4``: round-to-nearest residual of a seeded random low-rank
+branch and smoothing).
 """
 
 from __future__ import annotations
@@ -24,18 +27,43 @@ import torch
 from torch import nn
 
 from ..calib.search import quantized_linear_output
+from ..config.schema import ActivationQuantConfig, WeightQuantConfig
 from ..kernels.w4a4 import check_activation_spec, check_weight_spec, dequantized_weight, padded_rank
 from ..kernels.w4a4_dispatch import BACKENDS, LinearOperands, linear_forward, resolve_backend, weight_only_forward
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
 from ..quant.formats import resolve_spec
 from ..quant.functional import quantize
 from ..quant.tensor import QuantTensor
-from .fake_linear import FakeQuantLinear
+from .fake_linear import FakeQuantLinear, _quantizer_from_meta
 from .layer_map import is_block_kind, layer_kind
 
-__all__ = ["W4A4Linear", "convert_to_w4a4", "synthesize_w4a4", "synthetic_w4a4_linear", "w4a4_layers"]
+__all__ = ["W4A4Linear", "convert_to_w4a4", "kernel_packed_from_packed", "synthesize_w4a4", "synthetic_w4a4_linear",
+           "w4a4_layers"]
 
 logger = logging.getLogger(__name__)
+
+_QUARTER = GROUP // 4  # bytes holding one half of a group in the natural packing
+
+
+def kernel_packed_from_packed(packed: torch.Tensor) -> torch.Tensor:
+    """Codes packed in the natural order (``quant.packing``: inputs ``2i``, ``2i + 1`` in byte ``i``) ``[N, K / 2]``
+    -> the kernel layout (``kernels.w4a4_layout.pack_weight``) ``[N, K / 2]``, nibble for nibble.
+
+    Equal to ``pack_weight(unpack_int4(packed).reshape(N, K), signed)`` for either signedness (a nibble is the
+    code's 4-bit two's complement both ways), without any tensor of one byte per code: the temporaries are uint8
+    of half the packed size each, and no value needs checking (every nibble is a valid 4-bit code).
+    """
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"kernel_packed_from_packed: expected uint8 [N, K / 2], got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    n, half = packed.shape
+    check_group_multiple(2 * half, "kernel_packed_from_packed")
+    groups = packed.reshape(n, half // (2 * _QUARTER), 2, _QUARTER)
+    first, second = groups[:, :, 0], groups[:, :, 1]  # byte i: inputs 2i, 2i + 1 (first) / 32 + 2i, 33 + 2i
+    # Kernel byte 2i: inputs 2i | 32 + 2i << 4; byte 2i + 1: inputs 2i + 1 | 33 + 2i << 4.
+    even = (first & 0xF) | (second << 4)
+    odd = (first >> 4) | (second & 0xF0)
+    return torch.stack((even, odd), dim=-1).reshape(n, half)
 
 
 class W4A4Linear(nn.Module):
@@ -82,8 +110,11 @@ class W4A4Linear(nn.Module):
             raise ValueError(f"{name}: low-rank factors come in pairs (L1 and L2)")
         groups = in_features // GROUP
         signed = self.wspec.fmt.signed
-        qweight = qweight.unpack()
-        self.register_buffer("weight_packed", pack_weight(qweight.codes, signed))
+        if qweight.packed:  # e.g. from the artifacts: repacked without unpacking to one byte per code
+            packed = kernel_packed_from_packed(qweight.codes)
+        else:
+            packed = pack_weight(qweight.codes, signed)
+        self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_scale", qweight.scale.t().contiguous())
         zero = None if qweight.zero is None else qweight.zero.t().to(torch.int8).contiguous()
         self.register_buffer("weight_zero", zero)
@@ -143,6 +174,37 @@ class W4A4Linear(nn.Module):
             lowrank_l1=fake.lowrank_l1 if fake.lowrank else None, lowrank_l2=fake.lowrank_l2 if fake.lowrank else None,
             input_scale=fake.input_scale, input_zero=fake.input_zero, name=name, backend=backend,
         )
+
+    @classmethod
+    def from_artifact(cls, state: dict[str, torch.Tensor], meta: dict, *, name: str = "linear",
+                      backend: str = "auto") -> W4A4Linear:
+        """The layer straight from its PTQ artifact state (``FakeQuantLinear.artifact_state`` plus the smoothing
+        scale and low-rank factors, e.g. ``ArtifactBundle.layer_state``) and metadata.
+
+        Equal, buffer for buffer, to ``W4A4Linear.from_fake(FakeQuantLinear.from_artifact(state, meta))`` but
+        without the ``FakeQuantLinear``: no float weight, and the packed codes are repacked to the kernel layout
+        without an unpacked copy. The layer is built on the device of ``state``'s tensors (meta tensors check the
+        shapes and formats without any data). A stored 16-bit ``weight`` is not read: a layer without quantized
+        weights raises ValueError, as ``from_fake`` does.
+        """
+        try:
+            in_features, out_features = int(meta["in_features"]), int(meta["out_features"])
+            wgts = _quantizer_from_meta(meta["wgts"], WeightQuantConfig)
+            ipts = _quantizer_from_meta(meta["ipts"], ActivationQuantConfig)
+            qmeta = meta["qweight"]
+        except KeyError as err:
+            raise ValueError(f"{name}: artifact metadata lacks {err}") from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: invalid artifact metadata ({err})") from None
+        if qmeta is None or wgts is None or wgts.dtype is None:
+            if qmeta is not None:
+                raise ValueError(f"{name}: a quantized weight needs the weight quantizer config it was made with")
+            raise ValueError(f"{name}: the W4A4 path needs quantized weights (this layer keeps 16-bit weights)")
+        qweight = QuantTensor.from_state(state, qmeta, prefix="qweight.", name=f"{name}.qweight")
+        return cls(in_features, out_features, qweight=qweight, wgts=wgts, ipts=ipts, bias=state.get("bias"),
+                   smooth_scale=state.get("smooth_scale"), lowrank_l1=state.get("lowrank_l1"),
+                   lowrank_l2=state.get("lowrank_l2"), input_scale=state.get("input_scale"),
+                   input_zero=state.get("input_zero"), name=name, backend=backend)
 
     # ----- helpers ---------------------------------------------------------------------------------------------
 
@@ -230,7 +292,7 @@ def convert_to_w4a4(model: nn.Module, *, backend: str = "auto") -> list[str]:
     if not fakes:
         raise ValueError("convert_to_w4a4: the model holds no FakeQuantLinear layers (apply the PTQ artifacts first)")
     for name, fake in fakes:
-        device = fake.qweight_codes.device
+        device = next(fake.buffers()).device  # (a layer that keeps 16-bit weights has no codes: from_fake says so)
         model.set_submodule(name, W4A4Linear.from_fake(fake, name=name, backend=backend).to(device))
     logger.info("converted %d layers to W4A4Linear", len(fakes))
     return [name for name, _ in fakes]

@@ -79,13 +79,14 @@ def save_pt(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_pt(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; errors name the file."""
+def load_pt(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; errors name the file. ``mmap``: the tensors are backed by a private
+    (copy-on-write) memory map of the file, i.e. by the page cache, instead of being read into process memory."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as error:
         reason = " ".join(str(error).split())[:160]  # one line: torch's messages span several
         raise ValueError(f"{path}: cannot be read as a torch file ({reason})") from None

@@ -16,7 +16,9 @@ A directory holds
 ``load_artifacts(dir)`` checks all of it (missing file, sha256, formats, names and shapes across files, the config
 against the manifest's model identity) and returns an :class:`ArtifactBundle`; ``apply_artifacts(model, bundle)``
 checks the model (architecture, weights fingerprint, every layer and parameter name and shape) before it swaps
-in the ``FakeQuantLinear`` modules and loads the parameters.
+in the ``FakeQuantLinear`` modules and loads the parameters. Without a full-precision model,
+``deepcompressor.app.diffusion.quantized_model.load_quantized_transformer(dir)`` builds the W4A4 transformer
+straight from the artifacts.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def write_manifest(directory: str | Path, identity: dict, layers: dict[str, str]
 
 @dataclass
 class ArtifactBundle:
-    """Validated contents of an artifact directory (tensors on the CPU)."""
+    """Validated contents of an artifact directory (tensors on the CPU; memory-mapped from the files, copy on
+    write, when loaded with ``mmap=True``)."""
 
     directory: Path
     manifest: dict
@@ -196,7 +199,7 @@ def _fail(message: str):
     raise ArtifactError(message)
 
 
-def _load_checked(directory: Path, name: str, manifest: dict) -> object:
+def _load_checked(directory: Path, name: str, manifest: dict, mmap: bool = False) -> object:
     path = directory / name
     if not path.is_file():
         _fail(f"{path}: missing artifact file")
@@ -209,7 +212,7 @@ def _load_checked(directory: Path, name: str, manifest: dict) -> object:
               "the file is corrupted or was replaced")
     if name.endswith(".pt"):
         try:
-            data = load_pt(path)
+            data = load_pt(path, mmap=mmap)
         except (ValueError, FileNotFoundError) as error:
             raise ArtifactError(str(error)) from None
         if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
@@ -250,9 +253,13 @@ def _non_finite_tensors(value, prefix: str = "") -> list[str]:
     return []
 
 
-def load_artifacts(directory: str | Path, expected_config: RunConfig | None = None) -> ArtifactBundle:
+def load_artifacts(directory: str | Path, expected_config: RunConfig | None = None, *,
+                   mmap: bool = False) -> ArtifactBundle:
     """Load and validate an artifact directory; with ``expected_config`` its model identity and ``quant``
-    section must match the artifacts' config. Raises :class:`ArtifactError` naming the problem."""
+    section must match the artifacts' config. Raises :class:`ArtifactError` naming the problem.
+
+    ``mmap``: the tensors stay memory-mapped from the ``.pt`` files (private, copy-on-write mappings: page cache
+    the kernel can drop and read again, instead of process memory holding a copy of every file)."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not directory.is_dir():
@@ -268,9 +275,9 @@ def load_artifacts(directory: str | Path, expected_config: RunConfig | None = No
     for key in ("files", "model", "layers"):
         if not isinstance(manifest.get(key), dict):
             _fail(f"{manifest_path}: missing section {key!r}")
-    model_data = _load_checked(directory, MODEL_FILE, manifest)
-    smooth_data = _load_checked(directory, SMOOTH_FILE, manifest)
-    branch_data = _load_checked(directory, BRANCH_FILE, manifest)
+    model_data = _load_checked(directory, MODEL_FILE, manifest, mmap)
+    smooth_data = _load_checked(directory, SMOOTH_FILE, manifest, mmap)
+    branch_data = _load_checked(directory, BRANCH_FILE, manifest, mmap)
     _load_checked(directory, CONFIG_FILE, manifest)
     for name in manifest["files"]:
         if name not in ARTIFACT_FILES:
@@ -312,13 +319,20 @@ def load_artifacts(directory: str | Path, expected_config: RunConfig | None = No
             raise ArtifactError(f"{directory / MODEL_FILE}: {error}") from None
         if entry.get("kind") != kind or manifest["layers"][name] != kind:
             _fail(f"{directory / MODEL_FILE}: layer {name} is recorded as {entry.get('kind')!r}, expected {kind!r}")
-        _build_layer(bundle, name, weight=None)  # shapes and formats
+        _build_layer(bundle, name, weight=None, device="meta")  # shapes and formats (no data touched)
     return bundle
 
 
-def _build_layer(bundle: ArtifactBundle, name: str, weight: torch.Tensor | None) -> FakeQuantLinear:
+def _build_layer(bundle: ArtifactBundle, name: str, weight: torch.Tensor | None,
+                 device: str | None = None) -> FakeQuantLinear:
+    """The layer's ``FakeQuantLinear``; ``device="meta"`` checks shapes and formats without reading or unpacking
+    any tensor data."""
     entry = bundle.layers[name]
     state = bundle.layer_state(name)
+    if device is not None:
+        state = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in state.items()}
+        weight = None if weight is None else weight.to(device)
     meta = entry["meta"]
     stored = state.get("weight")
     try:
