@@ -20,7 +20,7 @@ TINY = [str(ROOT / "configs/models/infinity-tiny.yaml"), str(ROOT / "configs/svd
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("w4a4")
-    argv = TINY + ["--pipeline-device", "cpu", "--warmup", "0", "--repeats", "1", "--kv-synthetic",
+    argv = TINY + [str(ROOT / "configs/edge/memory.yaml"), "--pipeline-device", "cpu", "--warmup", "0", "--repeats", "1", "--kv-synthetic",
                    "--quant-low-rank-rank", "16", "--json", str(out / "tiny.json")]
     assert main(argv) == 0
     return json.loads((out / "tiny.json").read_text())
@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_reports_every_variant_and_stage(tiny_run):
     variants = tiny_run["variants"]
-    assert list(variants) == ["baseline", "w4a4", "w4a4_kv"]
+    assert list(variants) == ["baseline", "w4a4", "w4a4_kv8", "w4a4_kv4"]
     for stats in variants.values():
         assert set(stats["median_seconds"]) == {"text_encoder", "transformer", "vae_decode", "total"}
         assert all(v > 0 for v in stats["median_seconds"].values())
@@ -37,15 +37,23 @@ def test_tiny_run_reports_every_variant_and_stage(tiny_run):
     # 7 linears in each of the 6 blocks; the cross-attention key/value projection keeps 16-bit inputs.
     assert (quant["num_layers"], quant["w4a4_inputs"], quant["weight_only"]) == (42, 36, 6)
     assert quant["source"] == "synthetic" and tiny_run["kv"]["synthetic"] is True
+    assert tiny_run["memory_options"] == {"release_text_encoder": True, "vae_tiled": True, "vae_tile_rows": 64,
+                                          "nonblock_dtype": "bfloat16",
+                                          "cuda_graph_pool": "one pool shared by the scales"}
 
 
 def test_tiny_run_holds_less_memory_and_stays_close_to_the_baseline(tiny_run):
-    base, w4a4, kv = (tiny_run["variants"][k] for k in ("baseline", "w4a4", "w4a4_kv"))
+    base, w4a4, kv8, kv4 = (tiny_run["variants"][k] for k in ("baseline", "w4a4", "w4a4_kv8", "w4a4_kv4"))
     # float32 blocks on CPU: the quantized linears hold about 1/8 of their float bytes (plus branch and scales).
     assert w4a4["transformer_gib"] < 0.5 * base["transformer_gib"]
     assert w4a4["kv_cache_gib"] == base["kv_cache_gib"]
-    assert kv["kv_cache_gib"] == pytest.approx(w4a4["kv_cache_gib"] / 4)  # uint8 codes vs float32
-    for stats in (w4a4, kv):
+    assert kv8["kv_cache_gib"] == pytest.approx(w4a4["kv_cache_gib"] / 4)  # uint8 codes vs float32
+    assert kv4["kv_cache_gib"] == pytest.approx(w4a4["kv_cache_gib"] / 8)  # two uint4 codes per byte
+    assert (kv8["kv_dtype"], kv4["kv_dtype"]) == ("uint8", "uint4")
+    for stats in (base, w4a4, kv8, kv4):
+        assert stats["text_encoder_gib"] > 0 and stats["vae_gib"] > 0
+        assert stats["jetson"] == {"needed_gib": None, "module": None}  # no GPU peak on the CPU
+    for stats in (w4a4, kv8, kv4):
         agreement = stats["bit_agreement_vs_baseline"]
         assert 0.7 < agreement["overall"] < 1.0  # quantized (not identical) but far from chance (0.5)
         assert agreement["per_scale"][0] > 0.9
@@ -184,3 +192,39 @@ def test_artifacts_of_another_architecture_are_refused(tmp_path, capsys):
             "cpu", "--artifacts", str(tmp_path / "art")]
     assert main(argv) == 2
     assert "made for Infinity-tiny" in capsys.readouterr().err
+
+
+def test_seed_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The original project's command on the tiny model: ``--base-path`` artifacts, ``--enable_kv_quant true``
+    reading ``kv.calib_path``'s default (a clear error while it is missing), the images saved next to the JSON."""
+    import torch
+    from infinity.tiny import build_tiny_transformer
+
+    from deepcompressor.bench.w4a4_pipeline import synthetic_kv_calibration
+    from deepcompressor.utils.files import save_pt
+
+    _write_tiny_artifacts(tmp_path / "art")
+    monkeypatch.chdir(tmp_path)
+    argv = [TINY[0], "--base-path", "art", "--enable_kv_quant", "true", "--prompt",
+            "A cinematic photo of a robot in Zurich", "--seed", "0"]
+    assert main(argv) == 2
+    assert "runs/kv_scales/kv_quant_calib.pt does not exist" in capsys.readouterr().err
+    save_pt(tmp_path / "runs/kv_scales/kv_quant_calib.pt",
+            synthetic_kv_calibration(build_tiny_transformer(0, "cpu", torch.float32)))
+    assert main(argv) == 0
+    out = tmp_path / "runs/w4a4_test"
+    res = json.loads((out / "infinity-tiny.json").read_text())
+    assert list(res["variants"]) == ["baseline", "w4a4", "w4a4_kv8", "w4a4_kv4"]
+    assert res["quantization"]["source"] == "artifacts" and res["quantization"]["num_layers"] == 42
+    assert res["prompt"] == "A cinematic photo of a robot in Zurich" and res["kv"]["synthetic"] is False
+    assert {name: Path(path).name for name, path in res["images"].items()} == {
+        name: f"infinity-tiny.{name}.png" for name in res["variants"]}
+    assert all((out / f"infinity-tiny.{name}.png").is_file() for name in res["variants"])
+    table = capsys.readouterr().out
+    assert "w4a4_kv4" in table and "Jetson" in table
+
+    off = argv[:4] + ["false", "--skip-baseline", "--json", str(tmp_path / "off.json")]
+    assert main(off) == 0
+    assert list(json.loads((tmp_path / "off.json").read_text())["variants"]) == ["w4a4"]
+    assert main(argv[:4] + ["maybe"]) == 2
+    assert "--enable_kv_quant: expected true or false" in capsys.readouterr().err

@@ -14,9 +14,12 @@ and the end-to-end latency / memory runs of Infinity-2B and -8B; every part writ
   evaluation of its own quantized operands to bfloat16 rounding.
 
 End-to-end parts run ``infinity_w4a4_test`` (``deepcompressor.bench.w4a4_pipeline``) at 1024x1024 and CFG 3
-(``2b.json`` / ``8b.json``): random-initialised weights with synthetic W4A4 layers, or the released weights (the
-model YAML's environment variables) with ``--artifacts-<arch>``; synthetic per-channel KV scales unless a KV
-calibration file is given. Exit code 1 if a check or a part fails.
+with ``configs/edge/memory.yaml`` stacked (``--no-edge`` leaves it out), writing ``2b.json`` / ``8b.json``, the
+images and the memory chart: random-initialised weights, with synthetic artifacts written from the same random model
+first (``write_synthetic_artifacts``, into ``--work-dir`` or a temporary folder) so that the quantized model is
+loaded from artifacts as a user's is; or the released weights (the model YAML's environment variables) with
+``--artifacts-<arch>``. Synthetic per-channel KV scales (INT8 and INT4) unless a KV calibration file is given.
+Exit code 1 if a check or a part fails.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import gc
 import json
 import logging
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -45,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for arch in ("2b", "8b"):
         parser.add_argument(f"--artifacts-{arch}", default=None, help=f"PTQ artifacts of the {arch} model")
         parser.add_argument(f"--kv-calib-{arch}", default=None, help=f"KV calibration file of the {arch} model")
+    parser.add_argument("--edge", action=argparse.BooleanOptionalAction, default=True,
+                        help="Stack configs/edge/memory.yaml (T5 released, tiled VAE, bf16 non-block linears)")
+    parser.add_argument("--work-dir", default=None,
+                        help="Where the synthetic artifacts of random-weight runs are written (default: a temp dir)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     return parser.parse_args(argv)
@@ -176,19 +185,36 @@ def run_check(out: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ parts
 
 
-def _pipeline_argv(arch: str, args, out: Path) -> list[str]:
-    """Random-initialised weights, or, with artifacts, the released files the model YAML names (its environment
-    variables must be set: the artifacts only load into the model they were calibrated on)."""
-    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml", "--compile", "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats), "--json", str(out / f"{arch}.json")]
-    artifacts, kv_calib = getattr(args, f"artifacts_{arch}"), getattr(args, f"kv_calib_{arch}")
-    if artifacts:
-        argv += ["--artifacts", artifacts]
-    else:
-        argv += ["--pipeline-random-init", "--pipeline-transformer-path", "null", "--pipeline-vae-path", "null",
-                 "--pipeline-text-encoder-path", "null"]
+def _pipeline_argv(arch: str, args, out: Path, artifacts: str | None) -> list[str]:
+    """The ``infinity_w4a4_test`` command of one end-to-end part: the model YAML, the edge memory recipe, and
+    either the released files (environment variables of the model YAML) with ``--artifacts-<arch>``, or random
+    weights with the synthetic artifacts written from the same random model."""
+    argv = [f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml"]
+    if args.edge:
+        argv.append("configs/edge/memory.yaml")
+    argv += ["--compile", "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--json",
+             str(out / f"{arch}.json"), "--base-path", artifacts]
+    if not getattr(args, f"artifacts_{arch}"):
+        argv.append("--pipeline-random-init")
+    kv_calib = getattr(args, f"kv_calib_{arch}")
     argv += ["--kv-calib", kv_calib] if kv_calib else ["--kv-synthetic"]
     return argv
+
+
+def _synthetic_artifacts(arch: str, args, workdir: Path) -> str:
+    """Write synthetic artifacts of the random-weight model (the same seed the benchmark builds) and free it."""
+    from ..app.diffusion.synthetic_artifacts import write_synthetic_artifacts
+    from ..config import load_config
+
+    cfg = load_config([f"configs/models/infinity-{arch}.yaml", "configs/svdquant/int4.yaml"],
+                      {"pipeline.random_init": True})
+    directory = workdir / f"synthetic_{arch}"
+    start = time.perf_counter()
+    write_synthetic_artifacts(cfg, directory)
+    logger.info("synthetic %s artifacts written in %.1f s", arch, time.perf_counter() - start)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return str(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         if arch in args.parts:
             gc.collect()
             torch.cuda.empty_cache()
-            status[arch] = w4a4_pipeline.main(_pipeline_argv(arch, args, out)) == 0
+            with tempfile.TemporaryDirectory(dir=args.work_dir) as workdir:
+                artifacts = getattr(args, f"artifacts_{arch}") or _synthetic_artifacts(arch, args, Path(workdir))
+                status[arch] = w4a4_pipeline.main(_pipeline_argv(arch, args, out, artifacts)) == 0
     print(json.dumps(status))
     return 0 if all(status.values()) else 1
 
