@@ -15,7 +15,12 @@ Sections (``--sections``):
   each; ``--small``: 2 blocks x 4 heads, 2048 samples);
 * ``memory``: KV bytes of 2B and 8B at 1024x1024 (bf16 / INT8 / INT4, with and without the last scale stored)
   from the schedule, and measured on real cache objects on the device (``--small``: 2 blocks, scaled to depth);
-* ``kernel`` (CUDA only): the fused INT8/INT4 attention vs bf16 SDPA at the 8B and 2B last-scale shapes.
+* ``kernel`` (CUDA only): INT8/INT4 attention over the quantized cache vs bf16 SDPA at the 8B and 2B last-scale
+  shapes, per backend (``fused`` kernel; ``workspace``: dequantization pass + SDPA, apart and together, and its
+  bytes; the ``auto`` choice measured afresh) with the ratios to SDPA (``--quick``: shorter timing windows;
+  ``--sweep``: launch configurations of the fused kernel instead).
+
+    python -m deepcompressor.bench.kv --sections kernel --quick --json runs/bench/kv_kernel.json
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the tiny default")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=10240, help="samples per channel of the calib_time section")
     parser.add_argument("--sweep", action="store_true", help="kernel section: time launch configurations instead")
+    parser.add_argument("--quick", action="store_true", help="kernel section: shorter timing windows")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
     wanted = [s for s in args.sections.split(",") if s]
@@ -105,7 +111,7 @@ def kernel_section(args, device: torch.device) -> dict:
         return {"skipped": "the kernel timing needs a CUDA device"}
     if args.sweep:
         return {"sweep": kv_perf.kernel_sweep("8b", device)}
-    return {model: kv_perf.kernel_timing(model, device) for model in ("8b", "2b")}
+    return {model: kv_perf.kernel_timing(model, device, quick=args.quick) for model in ("8b", "2b")}
 
 
 def _gib(n) -> str:
@@ -180,6 +186,37 @@ def format_tables(report: dict) -> str:
                              f"{r['int8']['dequant_plus_sdpa_ms']:.3f} | {r['int4']['dequant_plus_sdpa_ms']:.3f} | "
                              f"{r['int8']['rel_err_vs_fake_quant_fp32']:.2e} | "
                              f"{r['int8']['quantize_kv_ms_per_tensor']:.3f} |")  # fmt: skip
+            lines.append("")
+            lines += ["## Backends of the quantized-KV attention vs bf16 SDPA (ms, median; ratio = time / SDPA)", "",
+                      ("| model | format | bf16 SDPA | fused | workspace | dequant part | SDPA part | auto choice | "
+                       "fused ratio | workspace ratio | auto ratio (paired) | workspace MiB |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for model, r in k.items():
+                for fmt in ("int8", "int4"):
+                    f = r[fmt]
+                    ws, auto, ratio = f["workspace"], f["auto"], f["ratio_vs_sdpa"]
+                    lines.append(f"| {model} | {fmt} | {r['sdpa_bf16']['ms']:.3f} | {f['ms']:.3f} | {ws['ms']:.3f} | "
+                                 f"{ws['dequant_ms']:.3f} | {ws['sdpa_ms']:.3f} | {auto['backend']} "
+                                 f"({auto['ms']:.3f}) | {ratio['fused']:.2f} | {ratio['workspace']:.2f} | "
+                                 f"{ratio['auto']:.2f} ({f['ratio_vs_sdpa_paired']['auto']:.3f}) | "
+                                 f"{ws['bytes'] / 2**20:.0f} |")  # fmt: skip
+            lines.append("")
+            lines += [("## One block's last-scale attend(store=False), cache operations included (ms; cat: no room "
+                       "reserved for the last scale, the sampler's default; reserved: kv_reserve_last)"), "",
+                      ("| model | mode | bf16 cache | INT8 fused | INT8 workspace | INT8 auto | INT4 fused | "
+                       "INT4 workspace | INT4 auto | INT8 auto / bf16 (paired) | INT4 auto / bf16 (paired) |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            for model, r in k.items():
+                a = r.get("layer_attend")
+                if not a:
+                    continue
+                for mode in ("cat", "reserved"):
+                    cells = [f"{a['bf16'][mode]:.3f}"]
+                    cells += [f"{a[fmt][b][mode]:.3f}" for fmt in ("int8", "int4") for b in ("fused", "workspace",
+                                                                                             "auto")]  # fmt: skip
+                    cells += [f"{a[fmt]['ratio_vs_bf16'][mode]:.2f} ({a[fmt]['ratio_vs_bf16_paired'][mode]:.3f})"
+                              for fmt in ("int8", "int4")]  # fmt: skip
+                    lines.append(f"| {model} | {mode} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 

@@ -4,9 +4,13 @@
 ``rewind``, ``nbytes``, ``prefix``, ``set_prefix``, ``capacity``). New keys/values are quantized when written,
 with the static per-(head, channel) scales and zero points of the calibration file, and held as ``uint8`` codes
 (INT8) or two 4-bit codes per byte (INT4) in a buffer preallocated for the schedule (``KVCache.reserve``), so the
-cache really takes 1/2 (INT8) or 1/4 (INT4) of the bf16 bytes. Attention reads the codes: on CUDA through the
-fused Triton kernel (``deepcompressor.kernels.kv_attention``, tiles dequantized in registers), elsewhere by
-dequantizing and calling ``scaled_dot_product_attention``.
+cache really takes 1/2 (INT8) or 1/4 (INT4) of the bf16 bytes. Attention reads the codes through
+``deepcompressor.kernels.kv_attention.kv_attention`` with the cache's ``backend``: ``fused`` (Triton kernel, tiles
+dequantized in registers), ``workspace`` (one Triton pass dequantizes the layer into a 16-bit workspace shared by
+all layers and caches, then ``scaled_dot_product_attention``), ``torch`` (plain PyTorch), or ``auto`` (default: on
+CUDA the faster of ``fused`` and ``workspace``, measured once per GPU / shape bucket / dtype outside CUDA-graph
+capture and cached; elsewhere ``torch``). Memory: the codes plus, for ``workspace``/``auto`` on CUDA, at most one
+layer's 16-bit K/V (the shared workspace, preallocated for the reserved tokens at the first store).
 
 What the current scale's queries see of the current scale's own keys/values (``current``):
 
@@ -45,12 +49,13 @@ import torch
 
 from ..calib.kv import KV_DTYPE_BITS, bits_of
 from ..kernels.kv_attention import (
+    KVWorkspace,
     codes_width,
     dequantize_kv,
+    kv_attention,
+    kv_workspace,
     quantize_kv,
-    quantized_kv_attention,
-    reference_kv_attention,
-    use_triton,
+    resolve_attention_backend,
 )
 
 __all__ = [
@@ -166,11 +171,21 @@ class QuantizedLayerKVCache:
         capacity: Tokens to preallocate on the first store (``KVCache.reserve`` sets it for the schedule); the
             buffer grows if a store does not fit.
         current: ``quantized`` or ``full`` (how the current scale's own k/v are read).
-        backend: ``auto`` (Triton on CUDA), ``triton`` or ``torch``.
+        backend: attention backend, ``auto`` (default), ``fused`` (alias ``triton``), ``workspace`` or ``torch``
+            (``kernels.kv_attention.ATTENTION_BACKENDS``); new k/v are quantized by the Triton kernel except with
+            ``torch`` (and with ``auto`` off CUDA).
+        workspace: The dequantization workspace of the ``workspace`` backend (default: the process-wide
+            ``kv_workspace`` that every layer and cache shares).
     """
 
     def __init__(
-        self, params: KVQuantParams, index: int, capacity: int = 0, current: str = "quantized", backend: str = "auto"
+        self,
+        params: KVQuantParams,
+        index: int,
+        capacity: int = 0,
+        current: str = "quantized",
+        backend: str = "auto",
+        workspace: KVWorkspace | None = None,
     ) -> None:
         if current not in CURRENT_MODES:
             raise ValueError(f"current must be one of {CURRENT_MODES}, got {current!r}")
@@ -179,7 +194,10 @@ class QuantizedLayerKVCache:
         self.bits = params.bits
         self.capacity = capacity
         self.current = current
-        self.backend = backend
+        self.backend = resolve_attention_backend(backend)
+        # quantize_kv's backend: the Triton kernel with every Triton attention backend, PyTorch with torch.
+        self._quant_backend = {"auto": "auto", "torch": "torch"}.get(self.backend, "triton")
+        self.workspace = kv_workspace if workspace is None else workspace
         self._k: torch.Tensor | None = None  # [B, H, capacity, c or c/2] uint8
         self._v: torch.Tensor | None = None
         self._dtype: torch.dtype | None = None  # dtype of the keys written (dequantized prefix is returned in it)
@@ -273,19 +291,23 @@ class QuantizedLayerKVCache:
             grown_v[:, :, : self.length] = self._v[:, :, : self.length]
         self._k, self._v = grown_k, grown_v
         self._dtype = k.dtype
+        if self.backend in ("auto", "workspace") and k.device.type == "cuda":
+            # Room in the shared workspace for the reserved tokens, allocated now (before any CUDA-graph capture)
+            # rather than at a later attention call; a longer call (an unstored last scale) grows it once.
+            self.workspace.reserve_kv(k.device, k.dtype, batch, heads, size, head_dim)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         k_scale, k_zero, v_scale, v_zero = self.params.layer(self.index, k.device)
         end = start + k.shape[2]
-        quantize_kv(k, k_scale, k_zero, self.bits, out=self._k[:, :, start:end], backend=self.backend)
-        quantize_kv(v, v_scale, v_zero, self.bits, out=self._v[:, :, start:end], backend=self.backend)
+        quantize_kv(k, k_scale, k_zero, self.bits, out=self._k[:, :, start:end], backend=self._quant_backend)
+        quantize_kv(v, v_scale, v_zero, self.bits, out=self._v[:, :, start:end], backend=self._quant_backend)
         self._dtype = k.dtype
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_scale, k_zero, v_scale, v_zero = self.params.layer(self.index, k.device)
         return (
-            quantize_kv(k, k_scale, k_zero, self.bits, backend=self.backend),
-            quantize_kv(v, v_scale, v_zero, self.bits, backend=self.backend),
+            quantize_kv(k, k_scale, k_zero, self.bits, backend=self._quant_backend),
+            quantize_kv(v, v_scale, v_zero, self.bits, backend=self._quant_backend),
         )
 
     def _attention(self, q, num_cached, k_tail=None, v_tail=None, tail_codes=True) -> torch.Tensor:
@@ -298,11 +320,8 @@ class QuantizedLayerKVCache:
             k_codes, v_codes = self._k, self._v
         if k_tail is not None and not tail_codes:
             k_tail, v_tail = k_tail.contiguous(), v_tail.contiguous()
-        if use_triton(q.device, self.backend):
-            return quantized_kv_attention(
-                q.contiguous(), k_codes, v_codes, num_cached, *qparams, self.bits, k_tail, v_tail, tail_codes
-            )
-        return reference_kv_attention(q, k_codes, v_codes, num_cached, *qparams, self.bits, k_tail, v_tail, tail_codes)
+        return kv_attention(q, k_codes, v_codes, num_cached, *qparams, self.bits, k_tail, v_tail, tail_codes,
+                            backend=self.backend, workspace=self.workspace)  # fmt: skip
 
 
 class QuantizedKVCacheFactory:
@@ -313,7 +332,7 @@ class QuantizedKVCacheFactory:
             raise ValueError(f"current must be one of {CURRENT_MODES}, got {current!r}")
         self.params = params
         self.current = current
-        self.backend = backend
+        self.backend = resolve_attention_backend(backend)
 
     def __call__(self, model):
         from infinity.kv_cache import KVCache
@@ -419,7 +438,8 @@ def attach_kv_qparams(
         path: Calibration file of ``calibrate_cache_quantization``.
         dtype: ``uint8`` or ``uint4`` (default: the file's ``default_dtype``).
         current: Override of how the current scale reads its own k/v (default: the mode calibrated for).
-        backend: ``auto`` / ``triton`` / ``torch`` attention and quantization.
+        backend: Attention backend: ``auto`` (default: measured choice of ``fused`` / ``workspace`` on CUDA,
+            ``torch`` elsewhere), ``fused`` (alias ``triton``), ``workspace`` or ``torch``.
         check_weights: Compare the K/V-relevant weights' fingerprint (architecture and shapes are always checked).
     """
     data = load_kv_calibration(path)
