@@ -173,7 +173,8 @@ def random_flan_t5_xl(device: str | torch.device = "cpu", dtype: torch.dtype = t
     config = T5Config(**FLAN_T5_XL_CONFIG, is_encoder_decoder=False, use_cache=False, dropout_rate=0.0)
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast while still on the meta device: materialising float32 first would need twice the final memory.
+    model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -96,24 +96,28 @@ def plot_peak_memory(res: dict, path: str | Path) -> Path | None:
     names = list(variants)
     allocated = [variants[n]["peak_memory_gib"] for n in names]
     reserved = [max(variants[n].get("peak_reserved_gib") or 0.0, a) for n, a in zip(names, allocated)]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    new_prompt = [variants[n].get("new_prompt", {}).get("peak_memory_gib") for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     ax.bar(names, reserved, color="#c7d7ee", label="peak reserved")
-    ax.bar(names, allocated, color="#3b6ea8", label="peak allocated")
+    ax.bar(names, allocated, color="#3b6ea8", label="peak allocated (prompt features cached)")
+    if any(v is not None for v in new_prompt):
+        ax.scatter([i for i, v in enumerate(new_prompt) if v is not None], [v for v in new_prompt if v is not None],
+                   marker="_", s=900, color="black", label="peak allocated, new prompt (text encoder loaded)")
     for i, value in enumerate(allocated):
-        ax.text(i, reserved[i] + 0.2, f"{value:.2f}", ha="center", fontsize=8)
+        ax.text(i, value / 2, f"{value:.2f}", ha="center", fontsize=9, color="white")
     reserve = res.get("jetson_reserve_gib", DEFAULT_RESERVE_GIB)
-    top = max(reserved) * 1.15
+    top = max([*reserved, *(v for v in new_prompt if v is not None)]) * 1.1
     for module, memory in JETSON_MODULES:
         usable = memory - reserve
         if usable <= top * 1.3:
             ax.axhline(usable, color="#b04040", linestyle="--", linewidth=1)
-            ax.text(len(names) - 0.5, usable, f" {module} (-{reserve:g} GiB)", va="bottom", ha="right", fontsize=8,
-                    color="#b04040")
+            ax.text(-0.45, usable, f"{module} less {reserve:g} GiB", va="bottom", ha="left", fontsize=8,
+                    color="#b04040", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1}, zorder=3)
             top = max(top, usable * 1.08)
     ax.set_ylim(0, top)
     ax.set_ylabel("GiB")
     ax.set_title(f"Infinity-{res['arch']} {res.get('image_hw', ['?'])[0]}px, {res['device']}: peak GPU memory")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
