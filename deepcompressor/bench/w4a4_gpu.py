@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Stack configs/edge/memory.yaml (T5 released, tiled VAE, bf16 non-block linears)")
     parser.add_argument("--work-dir", default=None,
                         help="Where the synthetic artifacts of random-weight runs are written (default: a temp dir)")
+    parser.add_argument("--memory-breakdown", action="store_true",
+                        help="End-to-end parts: what was alive at each variant's peak (infinity_w4a4_test flag)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     return parser.parse_args(argv)
@@ -198,6 +200,8 @@ def _pipeline_argv(arch: str, args, out: Path, artifacts: str | None) -> list[st
         argv.append("--pipeline-random-init")
     kv_calib = getattr(args, f"kv_calib_{arch}")
     argv += ["--kv-calib", kv_calib] if kv_calib else ["--kv-synthetic"]
+    if args.memory_breakdown:
+        argv.append("--memory-breakdown")
     return argv
 
 

@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Folder of each variant's last image (default: next to the JSON)")
     group.add_argument("--json", dest="json_path", default=None,
                        help="Write the results here (default: <output.root>/w4a4_test/<pipeline.name>.json)")
+    group.add_argument("--memory-breakdown", action="store_true",
+                       help="Record the CUDA allocator's history and report, per variant, what was alive at the "
+                       "timed runs' peak, by the line of code that allocated it (slower; bench.memory_breakdown)")
     group.add_argument("--jetson-reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
                        help="Shared memory a Jetson keeps for the OS and the CUDA context (feasible-module column)")
 
@@ -296,12 +299,14 @@ def _measure(pipe, cfg: RunConfig, args, label: str, host_base_gib: float) -> tu
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    trace_start = _trace_length(device) if args.memory_breakdown else None
     runs, result = [], None
     for i in range(args.repeats):
         result = generate()
         runs.append(dict(result.timings))
         logger.info("%s run %d: %s", label, i, {k: round(v, 4) for k, v in result.timings.items()})
     cuda = device.type == "cuda"
+    breakdown = _breakdown_since(device, trace_start) if trace_start is not None else None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None
     # A prompt the text encoder has not seen: with pipeline.release_text_encoder the encoder is loaded again,
@@ -334,9 +339,24 @@ def _measure(pipe, cfg: RunConfig, args, label: str, host_base_gib: float) -> tu
         # Kernel compilation, backend measurement and graph capture happen in the first generation.
         "first_generation_extra_seconds": warmup_seconds[0] - median["total"] if warmup_seconds else None,
     }
+    if breakdown is not None:
+        stats["memory_breakdown"] = breakdown
     worst = max(peak_reserved, new_prompt["peak_reserved_gib"]) if cuda else None
     stats["jetson"] = jetson_fit(worst, host_model, args.jetson_reserve_gib)
     return stats, result
+
+
+def _trace_length(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return len(torch.cuda.memory._snapshot()["device_traces"][device.index or 0])
+
+
+def _breakdown_since(device: torch.device, start: int) -> dict:
+    """What was alive at the largest allocated total since trace event ``start``, by allocation site."""
+    from .memory_breakdown import peak_breakdown
+
+    return peak_breakdown(torch.cuda.memory._snapshot()["device_traces"][device.index or 0], start=start)
 
 
 def _bit_agreement(reference, result) -> dict:
@@ -408,6 +428,8 @@ def run(cfg: RunConfig, args) -> dict:
     if device_probe.type == "cuda":
         torch.zeros(1, device=device_probe)  # the CUDA context belongs to the reserve, not to the model
     host_base = host_rss_gib()
+    if args.memory_breakdown and device_probe.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000)
     baseline = not args.skip_baseline
     start = time.perf_counter()
     quantized_how = None
