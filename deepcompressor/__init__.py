@@ -1,1 +1,12 @@
-"""VAR-Compressor: post-training quantization for Infinity."""
+"""VAR-Compressor: post-training quantization for Infinity.
+
+    from deepcompressor import load_config, load_quantized, quantize
+
+``quantize(pipeline, config, out_dir=...)`` runs PTQ on a loaded pipeline and returns it quantized;
+``load_quantized(artifact_dir)`` builds a ready pipeline from artifacts alone (see ``deepcompressor.api``).
+"""
+
+from .api import load_quantized, quantize
+from .config import load_config
+
+__all__ = ["load_config", "load_quantized", "quantize"]

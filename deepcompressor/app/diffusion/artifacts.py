@@ -46,6 +46,7 @@ __all__ = [
     "ArtifactBundle",
     "ArtifactError",
     "apply_artifacts",
+    "build_fake_layer",
     "estimate_model_pt_bytes",
     "layer_entries_for_artifacts",
     "load_artifacts",
@@ -319,11 +320,11 @@ def load_artifacts(directory: str | Path, expected_config: RunConfig | None = No
             raise ArtifactError(f"{directory / MODEL_FILE}: {error}") from None
         if entry.get("kind") != kind or manifest["layers"][name] != kind:
             _fail(f"{directory / MODEL_FILE}: layer {name} is recorded as {entry.get('kind')!r}, expected {kind!r}")
-        _build_layer(bundle, name, weight=None, device="meta")  # shapes and formats (no data touched)
+        build_fake_layer(bundle, name, weight=None, device="meta")  # shapes and formats (no data touched)
     return bundle
 
 
-def _build_layer(bundle: ArtifactBundle, name: str, weight: torch.Tensor | None,
+def build_fake_layer(bundle: ArtifactBundle, name: str, weight: torch.Tensor | None,
                  device: str | None = None) -> FakeQuantLinear:
     """The layer's ``FakeQuantLinear``; ``device="meta"`` checks shapes and formats without reading or unpacking
     any tensor data."""
@@ -388,7 +389,7 @@ def apply_artifacts(model: nn.Module, bundle: ArtifactBundle, *, keep_float_weig
             smooth = bundle.scales.get(name)
             if smooth is not None and smooth["folded_into"] is not None:
                 weight = (weight.float() * smooth["scale"].to(weight.device)).to(weight.dtype)
-        built[name] = _build_layer(bundle, name, weight)
+        built[name] = build_fake_layer(bundle, name, weight)
     own = {name: t for name, t in model.state_dict().items()
            if not any(name.startswith(layer + ".") for layer in bundle.layers)}
     missing = sorted(set(own) - set(bundle.params))

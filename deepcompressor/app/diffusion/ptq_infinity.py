@@ -271,10 +271,12 @@ def check_prompt_ranges(cfg: RunConfig) -> None:
 
 
 def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = None,
-            on_block_done: Callable[[int], None] | None = None) -> PTQResult:
+            on_block_done: Callable[[int], None] | None = None, pipeline=None) -> PTQResult:
     """Quantize the model of ``cfg`` into ``out_dir`` (resuming a run of the same configuration there).
 
     Args:
+        pipeline: The ``InfinityPipeline`` to quantize (its transformer's linears become ``FakeQuantLinear``);
+            default: built from ``cfg.pipeline``, which describes the model either way.
         max_blocks: Stop after this many blocks have been calibrated by this call (no artifacts); for timing.
         on_block_done: Called with the block index after each block's state is saved.
     """
@@ -287,7 +289,8 @@ def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = Non
     if not cfg.output.resume:
         _unseal(out_dir)  # before the model is built: an interrupted start-over leaves no stale sealed folder
     with _log_file(out_dir / LOG_FILE):
-        return _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done)
+        factory = pipeline_from_config if pipeline is None else (lambda _: pipeline)
+        return _run(cfg, out_dir, factory, max_blocks, on_block_done)
 
 
 def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQResult:

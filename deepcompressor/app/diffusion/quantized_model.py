@@ -27,6 +27,7 @@ from ...config.schema import RunConfig
 from ...kernels.w4a4_dispatch import BACKENDS
 from ...nn.w4a4_linear import W4A4Linear
 from .artifacts import MANIFEST_FILE, MODEL_FILE, ArtifactBundle, ArtifactError, load_artifacts
+from .artifacts import build_fake_layer
 
 __all__ = ["load_quantized_transformer"]
 
@@ -68,6 +69,21 @@ def _check_layers(model: nn.Module, bundle: ArtifactBundle, arch_name: str, back
     return [name for name in modules if name in bundle.layers]
 
 
+def _check_linears(model: nn.Module, bundle: ArtifactBundle, arch_name: str) -> list[str]:
+    """Every quantized layer is an ``nn.Linear`` of ``model`` with the artifact's shape; their names in order."""
+    path = bundle.directory / MODEL_FILE
+    modules = dict(model.named_modules())
+    for name, entry in bundle.layers.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            _fail(f"{path}: layer {name} is not a linear layer of Infinity-{arch_name}")
+        meta = entry["meta"]
+        if (int(meta["out_features"]), int(meta["in_features"])) != (linear.out_features, linear.in_features):
+            _fail(f"{path}: layer {name} is {meta['out_features']}x{meta['in_features']}, Infinity-{arch_name}'s "
+                  f"is {linear.out_features}x{linear.in_features}")
+    return [name for name in modules if name in bundle.layers]
+
+
 def _check_params(model: nn.Module, bundle: ArtifactBundle, arch_name: str) -> None:
     """``bundle.params`` is exactly every parameter and buffer of ``model`` outside the quantized layers."""
     path = bundle.directory / MODEL_FILE
@@ -95,7 +111,7 @@ def _check_params(model: nn.Module, bundle: ArtifactBundle, arch_name: str) -> N
 @torch.no_grad()
 def load_quantized_transformer(directory: str | Path, *, device: str | torch.device = "auto",
                                dtype: str | torch.dtype = "auto", backend: str = "auto",
-                               expected_config: RunConfig | None = None,
+                               expected_config: RunConfig | None = None, real: bool = True,
                                ) -> tuple[nn.Module, ArtifactBundle, list[str]]:
     """The W4A4 transformer of a PTQ artifact directory, built without its full-precision weights.
 
@@ -114,6 +130,9 @@ def load_quantized_transformer(directory: str | Path, *, device: str | torch.dev
     is refused as ``convert_to_w4a4`` refuses it), and ``params`` exactly every other parameter and buffer with
     its shape; after: no meta tensor left. Linears that are not quantized layers stay ``nn.Linear`` with their
     weights from ``params``.
+
+    ``real=False`` builds each quantized layer as the ``FakeQuantLinear`` that ``apply_artifacts`` would install
+    (the simulated model, any format; still no full-precision weight of a quantized layer is read).
 
     Identity: ``apply_artifacts`` compares the fingerprint of the full-precision weights with the manifest's;
     without those weights that check cannot run. The manifest's model identity (checked against the config by
@@ -143,20 +162,28 @@ def load_quantized_transformer(directory: str | Path, *, device: str | torch.dev
     except ValueError as error:
         raise ArtifactError(f"{bundle.directory / MANIFEST_FILE}: model.arch: {error}") from None
     model = build_meta_model(arch)
-    layer_names = _check_layers(model, bundle, arch.name, backend)
+    if real:
+        layer_names = _check_layers(model, bundle, arch.name, backend)
+    else:  # load_artifacts has built every FakeQuantLinear on its own; only the model's layout is left to check
+        layer_names = _check_linears(model, bundle, arch.name)
     _check_params(model, bundle, arch.name)
 
     for name, tensor in bundle.params.items():  # the transfers and casts apply_artifacts' copy_ does
         set_tensor(model, name, tensor.to(device, tensor_dtype(name, block_dtype)))
     for name in layer_names:
-        state = {key: value.to(device) for key, value in bundle.layer_state(name).items() if key != "weight"}
-        layer = W4A4Linear.from_artifact(state, bundle.layers[name]["meta"], name=name, backend=backend)
+        if real:
+            state = {key: value.to(device) for key, value in bundle.layer_state(name).items() if key != "weight"}
+            layer = W4A4Linear.from_artifact(state, bundle.layers[name]["meta"], name=name, backend=backend)
+            del state
+        else:
+            layer = build_fake_layer(bundle, name, weight=None).to(device)
         model.set_submodule(name, layer)
-        del state, layer
+        del layer
     left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:
         _fail(f"{bundle.directory / MODEL_FILE}: no value for {', '.join(left[:5])}"
               f"{f' and {len(left) - 5} more' if len(left) > 5 else ''} of Infinity-{arch.name}")
-    logger.info("built the W4A4 Infinity-%s from %s: %d quantized layers on %s (blocks %s)", arch.name,
-                bundle.directory, len(layer_names), device, block_dtype)
+    logger.info("built the %s Infinity-%s from %s: %d quantized layers on %s (blocks %s)",
+                "W4A4" if real else "fake-quantized", arch.name, bundle.directory, len(layer_names), device,
+                block_dtype)
     return model, bundle, layer_names
