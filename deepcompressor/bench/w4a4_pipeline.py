@@ -341,6 +341,8 @@ def _measure(pipe, cfg: RunConfig, args, label: str, host_base_gib: float) -> tu
     }
     if breakdown is not None:
         stats["memory_breakdown"] = breakdown
+        logger.info("%s: %.3f GiB allocated at the timed runs' peak: %s", label, breakdown["peak_gib"],
+                    "; ".join(f"{row['gib']:.3f} {row['site']}" for row in breakdown["sites"][:12]))
     worst = max(peak_reserved, new_prompt["peak_reserved_gib"]) if cuda else None
     stats["jetson"] = jetson_fit(worst, host_model, args.jetson_reserve_gib)
     return stats, result
