@@ -26,12 +26,20 @@ import torch
 from .config import ConfigError, ConfigIssue, load_config
 from .config.schema import RunConfig
 
-__all__ = ["load_quantized", "quantize"]
+__all__ = ["load_quantized", "quantize", "validate"]
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """The checks the loader runs on files, run on a config built in code (types, choices, ranges, cross-field
+    rules); returns the validated copy or raises ``ConfigError`` with one line per problem."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"validate: expected a RunConfig, got {type(config).__name__}")
+    return load_config([], _flat(config))
 
 
 def _as_config(config: RunConfig | Sequence[str | Path]) -> RunConfig:
     if isinstance(config, RunConfig):
-        return load_config([], _flat(config))  # validated like every file chain
+        return validate(config)
     if isinstance(config, (str, Path)):
         config = [config]
     return load_config([str(path) for path in config])
