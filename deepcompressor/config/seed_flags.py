@@ -22,8 +22,8 @@ def seed_bool_flags(names: Mapping[str, str]) -> dict[str, str]:
     return {f"--enable{sep}{what}{sep}quant": flag for what, flag in names.items() for sep in ("_", "-")}
 
 
-def translate_seed_flags(argv: Sequence[str], *, value_flags: Mapping[str, str] = {},  # noqa: B006 (read-only)
-                         bool_flags: Mapping[str, str] = {}, list_flags: Sequence[str] = ()) -> list[str]:  # noqa: B006
+def translate_seed_flags(argv: Sequence[str], *, value_flags: Mapping[str, str] = {},
+                         bool_flags: Mapping[str, str] = {}, list_flags: Sequence[str] = ()) -> list[str]:
     """Rewrite ``argv``:
 
     - ``bool_flags``: ``--enable_kv_quant true`` / ``--enable_kv_quant=false`` -> ``--<flag>`` / ``--no-<flag>``

@@ -510,7 +510,7 @@ class KVRecorder:
     """
 
     def __init__(self, model, max_tokens: int, seed: int = 0, stored_only: bool = False) -> None:
-        from evaluation.stats import TokenReservoir
+        from ..calib.token_sample import TokenReservoir
 
         self.model = model
         self.depth = len(model.blocks())

@@ -26,8 +26,7 @@ from torch import nn
 from ...config.schema import RunConfig
 from ...kernels.w4a4_dispatch import BACKENDS
 from ...nn.w4a4_linear import W4A4Linear
-from .artifacts import MANIFEST_FILE, MODEL_FILE, ArtifactBundle, ArtifactError, load_artifacts
-from .artifacts import build_fake_layer
+from .artifacts import MANIFEST_FILE, MODEL_FILE, ArtifactBundle, ArtifactError, build_fake_layer, load_artifacts
 
 __all__ = ["load_quantized_transformer"]
 
