@@ -90,7 +90,7 @@ def test_load_quantized_fake_equals_the_quantized_pipeline(runs):
 def test_quantize_refuses_a_config_of_another_model(runs):
     from deepcompressor.config import ConfigError
 
-    _, _, cfg, pipe, _ = runs
+    _, _, _, pipe, _ = runs
     other = load_config(CHAIN, {**SMALL, "pipeline.arch": "2b", "pipeline.random_init": True})
     with pytest.raises(ConfigError, match="pipeline.arch"):
         quantize(pipe, other)
