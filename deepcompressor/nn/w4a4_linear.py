@@ -32,7 +32,6 @@ from ..kernels.w4a4 import check_activation_spec, check_weight_spec, dequantized
 from ..kernels.w4a4_dispatch import BACKENDS, LinearOperands, linear_forward, resolve_backend, weight_only_forward
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
 from ..quant.formats import resolve_spec
-from ..quant.functional import quantize
 from ..quant.tensor import QuantTensor
 from .fake_linear import FakeQuantLinear, _quantizer_from_meta
 from .layer_map import is_block_kind, layer_kind
@@ -302,30 +301,14 @@ def synthetic_w4a4_linear(linear: nn.Linear, layer_cfg, rank: int, smooth: bool,
                           name: str = "linear", backend: str = "auto") -> W4A4Linear:
     """A ``W4A4Linear`` from a float linear (see ``synthesize_w4a4``); ``layer_cfg`` is a ``QuantConfig`` whose
     ``wgts`` / ``ipts`` apply to this layer."""
-    weight = linear.weight.detach().float()
-    device = weight.device
-    out_features, in_features = weight.shape
-    ipts = layer_cfg.ipts if layer_cfg.ipts.dtype is not None else None
-    if ipts is not None and ipts.static:
-        raise ValueError(f"{name}: synthetic layers have no calibrated static input ranges (quant.ipts.static)")
-    s = None
-    if smooth and ipts is not None:
-        s = torch.empty(in_features, device=device).uniform_(-0.5, 0.5, generator=generator).exp()
-        weight = weight * s
-    l1 = l2 = None
-    if rank > 0:
-        # A branch carrying about a tenth of the weight's scale; the quantized residual makes the layer exact again.
-        std = (0.1 * float(weight.std()) / rank**0.5) ** 0.5
-        l1 = torch.randn(out_features, rank, device=device, generator=generator) * std
-        l2 = torch.randn(rank, in_features, device=device, generator=generator) * std
-        weight = weight - l1 @ l2
-        dtype = getattr(torch, layer_cfg.low_rank.dtype)
-        l1, l2 = l1.to(dtype), l2.to(dtype)
-    qweight = quantize(weight, layer_cfg.wgts, name=name)
-    return W4A4Linear(in_features, out_features, qweight=qweight, wgts=layer_cfg.wgts, ipts=ipts,
+    from .synthetic import synthetic_factors
+
+    f = synthetic_factors(linear, layer_cfg, rank, smooth, generator, name)
+    s = f.smooth_scale
+    return W4A4Linear(linear.in_features, linear.out_features, qweight=f.qweight, wgts=layer_cfg.wgts, ipts=f.ipts,
                       bias=None if linear.bias is None else linear.bias.detach(),
-                      smooth_scale=None if s is None else s.to(linear.weight.dtype), lowrank_l1=l1, lowrank_l2=l2,
-                      name=name, backend=backend)
+                      smooth_scale=None if s is None else s.to(linear.weight.dtype), lowrank_l1=f.lowrank_l1,
+                      lowrank_l2=f.lowrank_l2, name=name, backend=backend)
 
 
 @torch.no_grad()

@@ -18,40 +18,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ...config.schema import RunConfig
-from ...nn.fake_linear import FakeQuantLinear
 from ...nn.layer_map import is_block_kind, layer_kind
-from ...quant.functional import quantize
+from ...nn.synthetic import synthetic_fake_linear
 
-__all__ = ["synthetic_fake_linear", "write_synthetic_artifacts"]
+__all__ = ["write_synthetic_artifacts"]
 
 logger = logging.getLogger(__name__)
-
-
-def synthetic_fake_linear(linear: nn.Linear, layer_cfg, rank: int, smooth: bool, generator: torch.Generator,
-                          name: str) -> tuple[FakeQuantLinear, torch.Tensor | None]:
-    """A ``FakeQuantLinear`` made from a float linear without calibration, and its smoothing scale (or None)."""
-    weight = linear.weight.detach().float()
-    out_features, in_features = weight.shape
-    ipts = layer_cfg.ipts if layer_cfg.ipts.dtype is not None else None
-    if ipts is not None and ipts.static:
-        raise ValueError(f"{name}: synthetic layers have no calibrated static input ranges (quant.ipts.static)")
-    s = None
-    if smooth and ipts is not None:
-        s = torch.empty(in_features, device=weight.device).uniform_(-0.5, 0.5, generator=generator).exp()
-        weight = weight * s
-    l1 = l2 = None
-    if rank > 0:
-        # A branch carrying about a tenth of the weight's scale; the quantized residual makes the layer exact again.
-        std = (0.1 * float(weight.std()) / rank**0.5) ** 0.5
-        l1 = torch.randn(out_features, rank, device=weight.device, generator=generator) * std
-        l2 = torch.randn(rank, in_features, device=weight.device, generator=generator) * std
-        weight = weight - l1 @ l2
-        dtype = getattr(torch, layer_cfg.low_rank.dtype)
-        l1, l2 = l1.to(dtype), l2.to(dtype)
-    fake = FakeQuantLinear(in_features, out_features, qweight=quantize(weight, layer_cfg.wgts, name=name),
-                           bias=None if linear.bias is None else linear.bias.detach(), smooth_scale=s, lowrank_l1=l1, lowrank_l2=l2, wgts=layer_cfg.wgts,
-                           ipts=ipts if ipts is not None else layer_cfg.ipts, name=name)
-    return fake, s
 
 
 @torch.no_grad()
@@ -80,8 +52,9 @@ def write_synthetic_artifacts(cfg: RunConfig, directory: str | Path, pipe=None) 
         kind = layer_kind(name)
         if not is_block_kind(kind) or kind in qcfg.wgts.skips:
             continue
-        fake, s = synthetic_fake_linear(linear, quant_config_for_kind(qcfg, kind), rank, qcfg.smooth.enabled,
-                                        generator, name)
+        fake = synthetic_fake_linear(linear, quant_config_for_kind(qcfg, kind), rank, qcfg.smooth.enabled,
+                                     generator, name)
+        s = fake.smooth_scale
         state, meta = fake.artifact_state(pack=True)
         smooth = None if s is None else {"scale": s, "alpha": 0.5, "beta": 0.5, "folded_into": None}
         entries[name] = {"kind": kind, "state": state, "meta": meta, "smooth": smooth}
