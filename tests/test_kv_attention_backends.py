@@ -237,7 +237,7 @@ def test_auto_on_cpu_is_the_torch_path_without_measuring(monkeypatch):
 def test_choices_are_measured_once_cached_in_memory_and_on_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("VAR_COMPRESSOR_CACHE", str(tmp_path))
     monkeypatch.delenv("VAR_COMPRESSOR_KV_TUNE", raising=False)
-    monkeypatch.setattr(kva, "attention_choices", kva._Choices())
+    monkeypatch.setattr(kva, "attention_choices", kva.attention_choice_cache())
     calls = []
 
     def measure():

@@ -35,7 +35,6 @@ else ``fused``). ``VAR_COMPRESSOR_KV_TUNE=0`` always takes the rule.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import statistics
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import pack_int4, unpack_int4
+from .choice_cache import ChoiceCache
 from .triton_utils import HAS_TRITON, div_by, round_half_even, round_to, tl, triton
 
 __all__ = [
@@ -736,56 +736,16 @@ def resolve_attention_backend(backend: str) -> str:
 
 
 def kv_attention_cache_path() -> Path:
-    root = os.environ.get("VAR_COMPRESSOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "var-compressor")
-    return Path(root) / "kv_attention_dispatch.json"
+    return attention_choices.path
 
 
-class _Choices:
-    """Measured choices of ``auto``: in memory, and on disk across processes (``kv_attention_cache_path``)."""
-
-    FORMAT = "var-compressor.kv_attention_dispatch/1"
-
-    def __init__(self) -> None:
-        self.table: dict[str, dict] | None = None
-
-    def _load(self) -> dict:
-        if self.table is None:
-            self.table = {}
-            path = kv_attention_cache_path()
-            try:
-                data = json.loads(path.read_text())
-                if isinstance(data, dict) and data.get("format") == self.FORMAT and isinstance(data.get("choices"),
-                                                                                                 dict):  # fmt: skip
-                    self.table = data["choices"]
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as error:
-                logger.warning("ignoring unreadable KV attention dispatch cache %s: %s", path, error)
-        return self.table
-
-    def get(self, key: str) -> dict | None:
-        choice = self._load().get(key)
-        if isinstance(choice, dict) and choice.get("backend") in ("fused", "workspace"):
-            return choice
-        return None
-
-    def put(self, key: str, choice: dict, persist: bool = True) -> None:
-        table = self._load()
-        table[key] = choice
-        if not persist:
-            return
-        from ..utils.files import write_json
-
-        try:
-            write_json(kv_attention_cache_path(), {"format": self.FORMAT, "choices": table})
-        except OSError as error:  # a read-only home must not stop inference
-            logger.warning("could not write the KV attention dispatch cache %s: %s", kv_attention_cache_path(), error)
-
-    def clear_memory(self) -> None:
-        self.table = None
+def attention_choice_cache() -> ChoiceCache:
+    """A cache of ``auto``'s measured choices: in memory, and on disk across processes (``kv_attention_cache_path``)."""
+    return ChoiceCache("kv_attention_dispatch.json", "var-compressor.kv_attention_dispatch/1", "KV attention dispatch",
+                       valid=lambda c: isinstance(c, dict) and c.get("backend") in ("fused", "workspace"))
 
 
-attention_choices = _Choices()
+attention_choices = attention_choice_cache()
 
 
 def _bucket(n: int) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..quant.formats import QuantSpec
+from .choice_cache import ChoiceCache
 from .triton_utils import HAS_TRITON
 from .w4a4 import int_launch_config, quantize_activations, w4a4_matmul
 from .w4a4_layout import GROUP
@@ -253,48 +253,11 @@ def resolve_backend(backend: str) -> str:
 
 
 def dispatch_cache_path() -> Path:
-    root = os.environ.get("VAR_COMPRESSOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "var-compressor")
-    return Path(root) / "w4a4_dispatch.json"
+    return choices.path
 
 
-class _Choices:
-    """Measured choices: in memory, and on disk across processes."""
-
-    def __init__(self) -> None:
-        self.table: dict[str, dict] | None = None
-
-    def _load(self) -> dict:
-        if self.table is None:
-            self.table = {}
-            path = dispatch_cache_path()
-            try:
-                data = json.loads(path.read_text())
-                if isinstance(data, dict) and isinstance(data.get("choices"), dict):
-                    self.table = data["choices"]
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as error:
-                logger.warning("ignoring unreadable W4A4 dispatch cache %s: %s", path, error)
-        return self.table
-
-    def get(self, key: str) -> dict | None:
-        return self._load().get(key)
-
-    def put(self, key: str, choice: dict) -> None:
-        from ..utils.files import write_json
-
-        table = self._load()
-        table[key] = choice
-        try:
-            write_json(dispatch_cache_path(), {"format": "var-compressor.w4a4_dispatch/1", "choices": table})
-        except OSError as error:  # a read-only home must not stop inference
-            logger.warning("could not write the W4A4 dispatch cache %s: %s", dispatch_cache_path(), error)
-
-    def clear_memory(self) -> None:
-        self.table = None
-
-
-choices = _Choices()
+# Measured choices: in memory, and on disk across processes (``dispatch_cache_path``).
+choices = ChoiceCache("w4a4_dispatch.json", "var-compressor.w4a4_dispatch/1", "W4A4 dispatch")
 
 
 def _bucket(m: int) -> int:
