@@ -1,4 +1,4 @@
-"""Layer names -> kinds: every linear of every preset has exactly the kind INTERFACES.md gives it."""
+"""Layer names -> kinds: every linear of every preset has exactly the kind ``deepcompressor.nn.layer_map`` gives it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The model is constructed on the meta device and every tensor is materialised exactly once, directly in its final
 dtype and device: from the checkpoint (read shard by shard, memory-mapped where the format allows it) or from a
 seeded random generator on the target device. Loading is strict: missing, unexpected and mis-shaped tensors raise
-:class:`CheckpointError` naming them. Accepted deviations from the module's state dict (ARCHITECTURE.md §1.1):
+:class:`CheckpointError` naming them. Accepted deviations from the module's state dict (docs/infinity_architecture.md §1.1):
 the bookkeeping entries ``lvl_1L``, ``attn_bias_for_masking``, ``Infinity_visible_kvlen``,
 ``Infinity_invisible_qlen`` are ignored; the constant ``*.zero_k_bias`` buffers may be absent (zeros);
 ``cfg_uncond`` with a different number of rows is truncated, or its missing tail keeps the fresh initialisation.

@@ -428,7 +428,7 @@ def block_causal_mask(schedule, device=None) -> torch.Tensor:
 
 
 class Infinity(nn.Module):
-    """The Infinity transformer (text projections, blocks, head); see ARCHITECTURE.md §2.3, §3, §6."""
+    """The Infinity transformer (text projections, blocks, head); see docs/infinity_architecture.md §2.3, §3, §6."""
 
     def __init__(self, arch: str | InfinityArch) -> None:
         super().__init__()

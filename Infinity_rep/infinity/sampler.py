@@ -1,4 +1,4 @@
-"""KV-cached multi-scale sampler with classifier-free guidance on the logits (ARCHITECTURE.md §5).
+"""KV-cached multi-scale sampler with classifier-free guidance on the logits (docs/infinity_architecture.md §5).
 
 For each scale: run the blocks on the scale's tokens (attending to the cached earlier scales), compute the bit
 logits, divide by tau, mix the conditional and unconditional halves with the guidance scale, filter top-k/top-p

@@ -72,7 +72,7 @@ class VAEConfig:
         return int(math.log2(self.stride))
 
 
-# Released VAEs (§1) and the VAE of the golden test vectors (GOLDEN.md "tiny VAE").
+# Released VAEs (§1) and the VAE of the golden test vectors (tests/data/infinity/golden, "tiny VAE").
 VAE_CONFIGS: dict[str, VAEConfig] = {
     "d32": VAEConfig(codebook_dim=32, stride=16, ch_mult=(1, 2, 4, 4, 4), name="d32"),
     "d14_patchify": VAEConfig(codebook_dim=14, stride=8, ch_mult=(1, 2, 4, 4), name="d14_patchify"),

@@ -56,7 +56,7 @@ SCALE_DTYPES = ("float16", "bfloat16", "float32")
 RESOLUTION_PRESETS = ("0.06M", "0.25M", "0.60M", "1M")
 # The quality benchmark's metrics (evaluation.metrics.METRICS; the config does not import evaluation).
 EVAL_METRICS = ("clip_iqa", "clip_score", "fid", "image_reward", "psnr", "ssim", "lpips")
-# Kinds of the transformer's linear layers (names in INTERFACES.md); ``deepcompressor.nn.layer_map`` maps module
+# Kinds of the transformer's linear layers (names in ``deepcompressor.nn.layer_map``); ``deepcompressor.nn.layer_map`` maps module
 # names to them and the skip lists below are checked against this tuple.
 LAYER_KINDS = (
     "sa_qkv",
