@@ -542,3 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json_path, res)
     print(f"wrote {args.json_path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
