@@ -116,3 +116,19 @@ def test_fold_into_producing_linear_rows():
     torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), expected)
     with pytest.raises(ValueError, match="selected rows"):
         fold_smooth_into_linear(producer.weight.detach(), None, s, slice(0, 4))
+
+
+def test_beta_zero_candidates_are_added_and_searched_like_the_others():
+    cfg = _config(num_grids=4)
+    cfg.smooth.beta_zero = True
+    assert smooth_candidates(cfg.smooth) == [(0.0, 0.0), (0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25),
+                                             (1.0, 0.0), (0.25, 0.0), (0.5, 0.0), (0.75, 0.0)]
+    x, weights = _layer(outs=(32, 24))
+    result = search_smooth_scale(weights, x, cfg)
+    brute = torch.tensor([_brute_force_error(x, weights, cfg, a, b) for a, b in result.candidates],
+                         dtype=torch.float64)
+    torch.testing.assert_close(result.errors.double(), brute, rtol=2e-3, atol=0)
+    without = search_smooth_scale(weights, x, _config(num_grids=4))
+    assert float(result.errors.min()) <= float(without.errors.min())  # a superset of the candidates
+    cfg.smooth.search_beta = True  # the full grid holds them already
+    assert len(smooth_candidates(cfg.smooth)) == 25

@@ -13,7 +13,9 @@ along the input dimension, fp16 scales, no range search):
 - ``svdquant_gptq``: SVDQuant with GPTQ for the residual weight; its Hessian is accumulated over
   ``--gptq-tokens`` tokens (default 8 x in_features: GPTQ overfits with fewer tokens than that), and the
   accumulation time is included in its seconds;
-- ``w4a16``: weight-only round-to-nearest (16-bit activations), the control.
+- ``w4a16``: weight-only round-to-nearest (16-bit activations), the control;
+- ``svdquant_beta0`` (not in the default ``--methods``): SVDQuant whose smoothing search also tries the
+  ``(alpha, 0)`` candidates (``quant.smooth.beta_zero``).
 
 ``--json PATH`` writes ``{layer: {method: {"rel_error": float, "seconds": float}}}`` atomically.
 """
@@ -35,11 +37,13 @@ from ..nn.fake_linear import FakeQuantLinear
 from ..utils.files import write_json
 from .layers_synthetic import LAYER_SETS, SyntheticLayer, input_statistics, synthetic_inputs, synthetic_weight
 
-__all__ = ["METHODS", "main", "method_config", "run_benchmark"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "main", "method_config", "run_benchmark"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16")
+METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16", "svdquant_beta0")
+# What the command runs without --methods (the README's table).
+DEFAULT_METHODS = METHODS[:5]
 _DEFAULT_TOKENS = {"tiny": (1024, 512), "2b": (8192, 4096), "8b": (8192, 4096)}
 # Rank of the branch: 32 for the real sizes (1-2% of the width); the tiny layers keep a similar share.
 _DEFAULT_RANK = {"tiny": 4, "2b": 32, "8b": 32}
@@ -53,8 +57,9 @@ def method_config(method: str, max_tokens: int = 8192, rank: int = 32) -> QuantC
     cfg.wgts.dtype, cfg.wgts.group_size, cfg.wgts.symmetric = "sint4", 64, True
     cfg.ipts.dtype, cfg.ipts.group_size, cfg.ipts.symmetric = "sint4", 64, True
     cfg.calib_range.enabled = False
-    cfg.smooth.enabled = method in ("smoothquant", "svdquant", "svdquant_gptq")
-    cfg.low_rank.enabled = method in ("svdquant", "svdquant_gptq")
+    cfg.smooth.enabled = method in ("smoothquant", "svdquant", "svdquant_gptq", "svdquant_beta0")
+    cfg.smooth.beta_zero = method == "svdquant_beta0"
+    cfg.low_rank.enabled = method in ("svdquant", "svdquant_gptq", "svdquant_beta0")
     cfg.low_rank.rank = rank
     cfg.gptq.enabled = method == "svdquant_gptq"
     if method == "w4a16":
@@ -114,7 +119,7 @@ def _bench_layer(layer: SyntheticLayer, methods, tokens: int, eval_tokens: int, 
     return results
 
 
-def run_benchmark(sizes, methods=METHODS, device="cpu", tokens: int | None = None,
+def run_benchmark(sizes, methods=DEFAULT_METHODS, device="cpu", tokens: int | None = None,
                   eval_tokens: int | None = None, rank: int | None = None, gptq_tokens: int | None = None) -> dict:
     """``{layer: {method: {"rel_error", "seconds"}}}`` for the layer sets ``sizes``."""
     layers = []
@@ -136,7 +141,7 @@ def run_benchmark(sizes, methods=METHODS, device="cpu", tokens: int | None = Non
     return results
 
 
-def format_table(results: dict, methods=METHODS) -> str:
+def format_table(results: dict, methods=DEFAULT_METHODS) -> str:
     """Relative errors and seconds as a fixed-width table."""
     width = max(len(name) for name in results) + 2
     head = "layer".ljust(width) + "".join(f"{m:>15}" for m in methods)
@@ -155,7 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:<i> or cpu (default: cuda when available)")
     parser.add_argument("--sizes", default="2b,8b", help="comma-separated layer sets: tiny, 2b, 8b")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {METHODS} (default: the first five)")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192; tiny 1024)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4096; tiny 512)")
     parser.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default 32; tiny 4)")

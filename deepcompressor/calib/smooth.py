@@ -8,8 +8,9 @@ one ``s`` serves them all (e.g. separate q/k/v projections). Both maxima are cla
 The search scores every candidate ``(alpha, beta)`` by the squared output error of the fully quantized layers
 (quantized inputs, round-to-nearest weights, and the rank-r SVD branch of ``W * s`` when the low-rank branch is
 enabled: one SVD per candidate, the iterative refinement runs once ``s`` is chosen) against the float outputs.
-Candidates are ``(0, 0)`` (no smoothing, first so that ties keep it) and ``(i/n, 1 - i/n)``, or every pair of the
-grid with ``search_beta``.
+Candidates are ``(0, 0)`` (no smoothing, first so that ties keep it) and ``(i/n, 1 - i/n)``, plus ``(i/n, 0)`` with
+``beta_zero`` (scales from the activations alone, ``s = max|X|^alpha``: the cheap candidates other SmoothQuant
+searches use, which pick them on real layers), or every pair of the grid with ``search_beta``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def smooth_candidates(smooth_cfg) -> list[tuple[float, float]]:
     steps = [i / n for i in range(n + 1)]
     if smooth_cfg.search_beta:
         return [(a, b) for a in steps for b in steps]
-    return [(0.0, 0.0)] + [(a, 1.0 - a) for a in steps]
+    pairs = [(0.0, 0.0)] + [(a, 1.0 - a) for a in steps]
+    if getattr(smooth_cfg, "beta_zero", False):
+        pairs += [(a, 0.0) for a in steps if 0.0 < a < 1.0]  # (0, 0) and (1, 0) are already there
+    return pairs
 
 
 @dataclass

@@ -262,12 +262,15 @@ class SmoothConfig:
         num_grids: Grid steps: alpha takes the values i / num_grids, i = 0..num_grids (with beta = 1 - alpha),
             plus alpha = beta = 0 (no smoothing) as a candidate.
         search_beta: Search beta on the same grid as well (all (alpha, beta) pairs); otherwise beta = 1 - alpha.
+        beta_zero: Also try (alpha, 0) for every grid alpha (s = max|X|^alpha, the weights left out): one more
+            candidate per grid step, the cheap ones other SmoothQuant searches use.
         fold: Fold scales into the preceding norm / linear where the graph allows.
     """
 
     enabled: bool = False
     num_grids: int = 20
     search_beta: bool = False
+    beta_zero: bool = False
     fold: bool = True
 
     def check(self) -> Issues:
