@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from deepcompressor.utils.files import write_bytes_atomic
+from deepcompressor.utils.files import write_png  # the one PNG writer, re-exported for the benchmark
 
 __all__ = ["read_png", "write_png"]
-
-
-def write_png(path: str | Path, image) -> Path:
-    """``[H, W, 3]`` uint8 RGB (numpy array or torch tensor) -> PNG, written atomically (a killed run leaves no
-    half-written image for a re-run to reuse)."""
-    from PIL import Image
-
-    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"{path}: expected a [H, W, 3] uint8 RGB image, got {array.dtype} {tuple(array.shape)}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array), mode="RGB").save(buffer, format="PNG")
-    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_png(path: str | Path) -> np.ndarray:

@@ -35,6 +35,9 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; the image gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image.cpu().numpy(), mode="RGB").save(f, format="PNG")
         os.replace(tmp, path)

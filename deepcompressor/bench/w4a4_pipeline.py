@@ -369,9 +369,9 @@ def _bit_agreement(reference, result) -> dict:
 
 
 def _save_image(result, path: Path) -> str:
-    from infinity.generate import save_png
+    from ..utils.files import write_png
 
-    save_png(result.images[0], path)
+    write_png(path, result.images[0])
     logger.info("wrote %s", path)
     return str(path)
 

@@ -51,6 +51,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def write_png(path: str | os.PathLike, image) -> Path:
+    """``[H, W, 3]`` uint8 RGB (numpy array or torch tensor) -> PNG, written atomically (a killed run leaves no
+    half-written image for a re-run to reuse)."""
+    import numpy as np
+    from PIL import Image
+
+    array = image.cpu().numpy() if hasattr(image, "cpu") else np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"{path}: expected a [H, W, 3] uint8 RGB image, got {array.dtype} {tuple(array.shape)}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array), mode="RGB").save(buffer, format="PNG")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
