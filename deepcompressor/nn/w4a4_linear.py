@@ -31,6 +31,7 @@ from ..config.schema import ActivationQuantConfig, WeightQuantConfig
 from ..kernels.w4a4 import check_activation_spec, check_weight_spec, dequantized_weight, padded_rank
 from ..kernels.w4a4_dispatch import BACKENDS, LinearOperands, linear_forward, resolve_backend, weight_only_forward
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
+from ..kernels.w4a4_ops import spec_fields
 from ..quant.formats import resolve_spec
 from ..quant.tensor import QuantTensor
 from .fake_linear import FakeQuantLinear, _quantizer_from_meta
@@ -272,6 +273,11 @@ class W4A4Linear(nn.Module):
                 w = self.qweight.dequantize(dtype)
                 l1, l2 = (None, None) if l1t is None else (l1t.t(), l2t.t())
                 y = quantized_linear_output(xs, w, xs, l1, l2, bias)
+        elif x.device.type == "cuda" or self.backend not in ("auto", "torch"):
+            # The Triton paths go through the custom op: torch.compile sees one opaque call with a fake.
+            y = torch.ops.deepcompressor.w4a4_linear(
+                x2d, ops.w_packed, ops.w_scale, ops.w_zero, smooth, l1t, l2t, bias, ops.static_scale,
+                ops.static_zero, *spec_fields(ops.spec), ops.w_signed, self.backend, self.name)
         else:
             y = linear_forward(x2d, ops, self.backend, cpu_weight=self._cpu_weight)
         return y.reshape(*x.shape[:-1], self.out_features)
