@@ -267,3 +267,26 @@ def test_diagnostics_with_a_bad_prompt_file_stop_before_building_the_model(tmp_p
     err = capsys.readouterr().err
     assert stop.value.code == 2 and not built and "empty caption for id 'a'" in err and err.count("\n") == 1
     assert not (tmp_path / "diag").exists()
+
+
+def test_cpu_captures_are_keyed_by_the_thread_count():
+    """CPU products sum in a thread-dependent order: a capture made with 2 threads must not serve a 1-thread run
+    (that reuse is why the README's tiny numbers once did not reproduce on a fresh machine)."""
+    import torch
+
+    from deepcompressor.app.diffusion.capture import CaptureSettings, capture_key_data
+    from deepcompressor.config import load_config
+
+    settings = CaptureSettings.from_config(load_config(["configs/models/infinity-tiny.yaml"]))
+    prompts = [("0000", "a boat")]
+    previous = torch.get_num_threads()
+    try:
+        keys = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            keys[threads] = capture_key_data({"device_type": "cpu", "arch": "tiny"}, prompts, settings)
+        gpu = capture_key_data({"device_type": "cuda", "arch": "tiny"}, prompts, settings)
+    finally:
+        torch.set_num_threads(previous)
+    assert keys[1] != keys[2] and (keys[1]["cpu_threads"], keys[2]["cpu_threads"]) == (1, 2)
+    assert "cpu_threads" not in gpu  # GPU captures do not depend on the host's threads
