@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..utils.files import write_json
+from ..utils.device import synchronize
+from .report import finish
 
 logger = logging.getLogger("deepcompressor.bench.infinity_baseline")
 
@@ -97,9 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _peak_gib(device: torch.device) -> float:
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
     pipe = load_pipeline(args.arch, random_init=True, seed=0, device=device, dtype=dtype)
-    _sync(device)
+    synchronize(device)
     build_seconds = time.perf_counter() - start
     pn = args.pn or pipe.arch.default_pn
     schedule = get_scale_schedule(pn, 1.0)
@@ -242,7 +240,7 @@ def _profile(generate, device: torch.device, path: str) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         generate()
-        _sync(device)
+        synchronize(device)
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -287,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     res = run(args)
-    print(format_table(res))
-    if args.json_path:
-        write_json(args.json_path, res)
-        print(f"wrote {args.json_path}")
-    return 0
+    return finish(format_table(res), res, args.json_path)
 
 
 if __name__ == "__main__":

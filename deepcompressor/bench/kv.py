@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import kv_perf, kv_quality
+from .report import finish
 
 SECTIONS = ("quality", "calib_time", "memory", "kernel")
 logger = logging.getLogger("deepcompressor.bench.kv")
@@ -235,13 +236,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         report[name] = sections[name](args, device)
         logger.info("section %s done in %.1f s", name, time.perf_counter() - start)
-    print(format_tables(report))
-    if args.json:
-        from ..utils.files import write_json
-
-        write_json(args.json, report)
-        print(f"json: {args.json}")
-    return 0
+    return finish(format_tables(report), report, args.json)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..calib.kv import asymmetric_qparams, search_clipping_bounds
 from ..kernels import kv_attention as kva
+from ..utils.device import synchronize
 
 __all__ = ["MODEL_SHAPES", "calibration_time", "kernel_timing", "measured_bytes", "schedule_bytes"]
 
@@ -30,9 +31,6 @@ MODEL_SHAPES = {"2b": (32, 2048, 16), "8b": (40, 3584, 28)}
 VALUE_BYTES = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _skewed_rows(tokens: int, heads: int, head_dim: int, which: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -63,10 +61,10 @@ def calibration_time(depth: int, heads: int, head_dim: int, tokens: int, device:
         for which in (0, 1):
             rows = _skewed_rows(tokens, heads, head_dim, which, gen, device)
             for bits in bits_list:
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 found = search_clipping_bounds(rows, bits, num_grids, golden_iters, device=device)
-                _sync(device)
+                synchronize(device)
                 seconds[bits] += time.perf_counter() - start
                 mean_mse[bits] += found.mse.mean().item() / (2 * depth)
     channels = depth * 2 * heads * head_dim
@@ -120,12 +118,12 @@ def measured_bytes(model: str, device: torch.device, pn: str = "1M", batch_rows:
                 layers = [QuantizedLayerKVCache(params, i) for i in range(depth)]
             cache = KVCache(layers)
             cache.reserve(count)
-            _sync(device)
+            synchronize(device)
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             q = torch.randn(batch_rows, heads, 1, head_dim, device=device, dtype=torch.bfloat16)
             for layer in cache.layers:
                 layer.attend(q, q, q, store=True)
-            _sync(device)
+            synchronize(device)
             allocated = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else None
             scale = full_depth / depth
             result["bytes"][f"{fmt}/{name}"] = {

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .report import finish
+
 __all__ = ["allocation_site", "main", "peak_breakdown"]
 
 _OWN_CODE = ("deepcompressor", "infinity")
@@ -59,17 +61,16 @@ def peak_breakdown(events: list[dict], start: int = 0, top: int = 25) -> dict:
             "other_gib": sum(b for _, b in ranked[top:]) / 2**30}
 
 
-def _print(title: str, breakdown: dict) -> None:
-    print(f"{title}: {breakdown['peak_gib']:.3f} GiB allocated at the peak")
-    for row in breakdown["sites"]:
-        print(f"  {row['gib']:8.3f}  {row['site']}")
-    print(f"  {breakdown['other_gib']:8.3f}  (the rest)")
+def _format(title: str, breakdown: dict) -> str:
+    lines = [f"{title}: {breakdown['peak_gib']:.3f} GiB allocated at the peak"]
+    lines += [f"  {row['gib']:8.3f}  {row['site']}" for row in breakdown["sites"]]
+    lines.append(f"  {breakdown['other_gib']:8.3f}  (the rest)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..config import parse_cli
     from ..config.seed_flags import translate_seed_flags
-    from ..utils.files import write_json
     from . import w4a4_pipeline as wp
 
     argv = translate_seed_flags(sys.argv[1:] if argv is None else list(argv), value_flags=wp.SEED_VALUE_FLAGS,
@@ -115,12 +116,8 @@ def main(argv: list[str] | None = None) -> int:
            "whole_run": peak_breakdown(events), "last_generation": peak_breakdown(events, start=before),
            "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
            "memory_allocated_gib": torch.cuda.memory_allocated() / 2**30, "trace_events": len(events)}
-    _print("whole run", res["whole_run"])
-    _print("last generation", res["last_generation"])
-    if args.json_path:
-        write_json(args.json_path, res)
-        print(f"wrote {args.json_path}")
-    return 0
+    table = "\n".join((_format("whole run", res["whole_run"]), _format("last generation", res["last_generation"])))
+    return finish(table, res, args.json_path)
 
 
 if __name__ == "__main__":

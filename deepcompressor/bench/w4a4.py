@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .report import finish
+
 logger = logging.getLogger("deepcompressor.bench.w4a4")
 
 DEFAULT_ROWS = (2, 8, 32, 64, 256, 1024, 4608, 8192)
@@ -381,11 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     save = (lambda partial: write_json(args.json_path, partial)) if args.json_path else None
     res = run(args, on_shape=save)
-    print(format_table(res))
-    if args.json_path:
-        write_json(args.json_path, res)
-        print(f"wrote {args.json_path}")
-    return 0
+    return finish(format_table(res), res, args.json_path)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import torch
 from ..config import config_to_dict, parse_cli
 from ..config.schema import RunConfig
 from ..config.seed_flags import SeedFlagError, seed_bool_flags, translate_seed_flags
+from ..utils.device import synchronize
 from .edge_report import DEFAULT_RESERVE_GIB, format_report_table, jetson_fit, plot_peak_memory
 
 __all__ = ["PROG", "main", "run", "synthetic_kv_calibration", "w4a4_from_artifacts"]
@@ -107,9 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -248,7 +246,7 @@ def _load_quantized(cfg: RunConfig, args, device: torch.device) -> tuple[torch.n
     model, bundle, _ = load_quantized_transformer(args.artifacts, device=device, dtype=cfg.pipeline.dtype,
                                                   backend=args.backend)
     cast_nonblock_linears(model, cfg.pipeline.nonblock_dtype)
-    _sync(device)
+    synchronize(device)
     how = {"source": "artifacts", "artifacts": str(args.artifacts), "quant": config_to_dict(bundle.config)["quant"],
            "synthetic_artifacts": bool(bundle.manifest.get("synthetic", False)),
            "load_seconds": time.perf_counter() - start, "load_host_rss_increase_gib": host_rss_gib() - rss_before}
@@ -264,7 +262,7 @@ def _synthesize(pipe, cfg: RunConfig, args) -> dict:
 
     start = time.perf_counter()
     synthesize_w4a4(pipe.transformer, cfg.quant, seed=cfg.pipeline.seed, backend=args.backend)
-    _sync(pipe.device)
+    synchronize(pipe.device)
     return {"source": "synthetic", "note": "round-to-nearest residual of a seeded random low-rank branch and "
             "smoothing, built from the loaded weights: for latency and memory, not quality",
             "quant": config_to_dict(cfg)["quant"], "load_seconds": time.perf_counter() - start}
@@ -296,7 +294,7 @@ def _measure(pipe, cfg: RunConfig, args, label: str, host_base_gib: float) -> tu
         start = time.perf_counter()
         generate()
         warmup_seconds.append(time.perf_counter() - start)
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trace_start = _trace_length(device) if args.memory_breakdown else None
@@ -316,7 +314,7 @@ def _measure(pipe, cfg: RunConfig, args, label: str, host_base_gib: float) -> tu
     start = time.perf_counter()
     pipe.generate([f"{args.prompt}, {label}"], seed=args.seed, cfg=p.cfg, tau=p.tau, top_k=p.top_k, top_p=p.top_p,
                   pn=p.pn, h_div_w=p.h_div_w, cuda_graphs=graphs)
-    _sync(device)
+    synchronize(device)
     new_prompt = {"seconds": time.perf_counter() - start,
                   "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                   "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None}
@@ -440,7 +438,7 @@ def run(cfg: RunConfig, args) -> dict:
     else:
         model, quantized_how = _load_quantized(cfg, args, device_probe)
         pipe = pipeline_from_config(cfg.pipeline, transformer=model)
-    _sync(pipe.device)
+    synchronize(pipe.device)
     load_seconds = time.perf_counter() - start
     enable_compile(args.compile)
     device = pipe.device

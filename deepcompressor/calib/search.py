@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from ..quant.functional import fake_quantize
+from ..utils.device import synchronize
 from .range import calibrate_activation_range
 
 __all__ = [
@@ -78,11 +79,6 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     scale = ref.abs().amax().clamp_min(torch.finfo(ref.dtype).tiny) if ref.numel() else 1.0
     num, den = float(((y - ref) / scale).norm()), float((ref / scale).norm())
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-
-
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StageTimer:

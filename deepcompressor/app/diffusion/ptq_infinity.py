@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ...config import config_to_dict, parse_cli, run_dir
 from ...config.schema import RunConfig
 from ...nn.layer_map import BLOCK_LAYERS, OTHER_LAYERS, layer_kind
+from ...utils.device import synchronize
 from ...utils.files import load_pt, save_pt, sha256_json, to_cpu, write_json, write_text
 from .artifacts import ARTIFACT_FILES, MANIFEST_FILE, write_artifacts, write_manifest
 from .calibrate_blocks import (
@@ -151,9 +152,6 @@ def _log_file(path: Path):
         handler.close()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 _REPORT_FILES = ("fidelity.json", "fidelity.md")
@@ -313,7 +311,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
 
     start = time.perf_counter()
     captures, cache_folder = load_or_capture(model, text_encoder, prompts, settings, identity, cfg.collect.cache_dir)
-    _sync(device)
+    synchronize(device)
     timings["collect"] = time.perf_counter() - start
 
     state_dir = out_dir / "state"
@@ -341,7 +339,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
         start = time.perf_counter()
         for index in range(len(states)):  # inputs of the first block to calibrate
             inputs = replay_block(model.blocks()[index], plan, inputs, keep_outputs=True)
-        _sync(device)
+        synchronize(device)
         timings["resume_replay"] = time.perf_counter() - start
         sizes = [x.shape[1] for x in inputs[0]]
         selection = SampleSelection.build(len(inputs), sizes, inputs[0][0].shape[0], cfg.quant.num_samples,
@@ -359,7 +357,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
                 inputs = result.outputs
                 save_pt(state_dir / f"block_{index:03d}.pt", to_cpu(result.state))
                 states.append(result.state)
-                _sync(device)
+                synchronize(device)
                 timings["blocks"][index] = {"total": time.perf_counter() - start, **result.timings}
                 calibrated.append(index)
                 if on_block_done is not None:
