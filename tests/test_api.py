@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ptq_pipeline import _tensors  # every tensor of an artifact directory by a flat key
 
 from deepcompressor import load_config, load_quantized, quantize
 from deepcompressor.app.diffusion import ptq_infinity
 from deepcompressor.bench import w4a4_pipeline
-from deepcompressor.utils.files import load_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN = [str(ROOT / "configs/models/infinity-tiny.yaml"), str(ROOT / "configs/collect/qdiff.yaml"),
@@ -20,21 +20,6 @@ CHAIN = [str(ROOT / "configs/models/infinity-tiny.yaml"), str(ROOT / "configs/co
 SMALL = {"pipeline.device": "cpu", "collect.num_prompts": 2, "quant.max_tokens": 256, "quant.low_rank.rank": 8,
          "eval.num_prompts": 1}
 PROMPT, SEED = "A cinematic photo of a robot in Zurich", 3
-
-
-def _tensors(directory: Path) -> dict:
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{prefix}/{key}", item)
-
-    for name in ("model.pt", "smooth.pt", "branch.pt"):
-        visit(name, load_pt(directory / name))
-    return flat
 
 
 @pytest.fixture(scope="module")

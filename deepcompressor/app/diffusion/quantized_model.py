@@ -43,8 +43,22 @@ def _message(name: str, error: Exception) -> str:
 
 
 def _check_layers(model: nn.Module, bundle: ArtifactBundle, arch_name: str, backend: str) -> list[str]:
-    """Every quantized layer is an ``nn.Linear`` of ``model`` with the artifact's shape and builds as a
-    ``W4A4Linear`` (checked on meta tensors: no data read); returns their names in module order."""
+    """``_check_linears``, and every quantized layer builds as a ``W4A4Linear`` (checked on meta tensors: no data
+    read); returns their names in module order."""
+    names = _check_linears(model, bundle, arch_name)
+    path = bundle.directory / MODEL_FILE
+    for name in names:
+        state = {key: value.to("meta") if isinstance(value, torch.Tensor) else value
+                 for key, value in bundle.layer_state(name).items() if key != "weight"}
+        try:
+            W4A4Linear.from_artifact(state, bundle.layers[name]["meta"], name=name, backend=backend)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ArtifactError(f"{path}: layer {name}: {_message(name, error)}") from None
+    return names
+
+
+def _check_linears(model: nn.Module, bundle: ArtifactBundle, arch_name: str) -> list[str]:
+    """Every quantized layer is an ``nn.Linear`` of ``model`` with the artifact's shape; their names in order."""
     path = bundle.directory / MODEL_FILE
     modules = dict(model.named_modules())
     for name, entry in bundle.layers.items():
@@ -59,27 +73,6 @@ def _check_layers(model: nn.Module, bundle: ArtifactBundle, arch_name: str, back
         if shape != (linear.out_features, linear.in_features):
             _fail(f"{path}: layer {name} is {shape[0]}x{shape[1]}, Infinity-{arch_name}'s is "
                   f"{linear.out_features}x{linear.in_features}")
-        state = {key: value.to("meta") if isinstance(value, torch.Tensor) else value
-                 for key, value in bundle.layer_state(name).items() if key != "weight"}
-        try:
-            W4A4Linear.from_artifact(state, meta, name=name, backend=backend)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ArtifactError(f"{path}: layer {name}: {_message(name, error)}") from None
-    return [name for name in modules if name in bundle.layers]
-
-
-def _check_linears(model: nn.Module, bundle: ArtifactBundle, arch_name: str) -> list[str]:
-    """Every quantized layer is an ``nn.Linear`` of ``model`` with the artifact's shape; their names in order."""
-    path = bundle.directory / MODEL_FILE
-    modules = dict(model.named_modules())
-    for name, entry in bundle.layers.items():
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            _fail(f"{path}: layer {name} is not a linear layer of Infinity-{arch_name}")
-        meta = entry["meta"]
-        if (int(meta["out_features"]), int(meta["in_features"])) != (linear.out_features, linear.in_features):
-            _fail(f"{path}: layer {name} is {meta['out_features']}x{meta['in_features']}, Infinity-{arch_name}'s "
-                  f"is {linear.out_features}x{linear.in_features}")
     return [name for name in modules if name in bundle.layers]
 
 
