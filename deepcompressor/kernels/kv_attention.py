@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..quant import pack_int4, unpack_int4
 from .choice_cache import ChoiceCache
-from .triton_utils import HAS_TRITON, div_by, round_half_even, round_to, tl, triton
+from .triton_utils import HAS_TRITON, div_by, round_half_even, round_to, tl, triton, triton_backend
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -99,21 +99,7 @@ def use_triton(device: torch.device, backend: str = "auto") -> bool:
     """
     if backend not in ("auto", "triton", "torch", "fused", "workspace"):
         raise ValueError(f"KV kernel backend must be auto, triton, fused, workspace or torch, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend in ("fused", "workspace"):
-        backend = "triton"
-    if not HAS_TRITON:
-        if backend == "triton":
-            raise RuntimeError("the triton KV attention backend was requested but triton is not installed")
-        return False
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"the triton KV attention backend needs CUDA tensors or TRITON_INTERPRET=1, got {device}"
-            )
-        return True
-    return device.type == "cuda"
+    return triton_backend(device, "triton" if backend in ("fused", "workspace") else backend, "KV attention")
 
 
 # ------------------------------------------------------------------------------------------------ plain PyTorch

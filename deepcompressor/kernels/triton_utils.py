@@ -13,11 +13,28 @@ except ImportError:  # pragma: no cover - triton is optional on CPU-only install
 
 __all__ = ["HAS_TRITON", "SCALE_KINDS", "dequant_nibbles_bf16", "dequant_nibbles_f16", "div_by", "dtype_kind",
            "fast_dequant_mode", "quantize_group", "quantize_groups", "round_half_even", "round_to", "smooth_divide", "tl", "triton",
-           "unpack_nibbles"]
+           "triton_backend", "unpack_nibbles"]
 
 import torch
 
 HAS_TRITON = triton is not None
+
+def triton_backend(device: torch.device, backend: str, what: str) -> bool:
+    """Whether ``what`` (e.g. ``W4A4``) runs its Triton kernels for tensors on ``device``: ``auto`` on CUDA when
+    triton is installed; ``triton`` always (CPU tensors need ``TRITON_INTERPRET=1``, which the tests use at small
+    shapes; a clear error otherwise); ``torch`` never."""
+    if backend == "torch":
+        return False
+    if not HAS_TRITON:
+        if backend == "triton":
+            raise RuntimeError(f"the triton {what} backend was requested but triton is not installed")
+        return False
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"the triton {what} backend needs CUDA tensors or TRITON_INTERPRET=1, got {device}")
+        return True
+    return device.type == "cuda"
+
 
 # Kernel constant for a 16/32-bit float dtype (round_to's KIND).
 SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}

@@ -31,7 +31,17 @@ import torch
 from ..quant.core import num_groups
 from ..quant.formats import QuantSpec
 from ..quant.functional import quantize
-from .triton_utils import HAS_TRITON, SCALE_KINDS, dtype_kind, quantize_group, round_to, tl, triton, unpack_nibbles
+from .triton_utils import (
+    HAS_TRITON,
+    SCALE_KINDS,
+    dtype_kind,
+    quantize_group,
+    round_to,
+    tl,
+    triton,
+    triton_backend,
+    unpack_nibbles,
+)
 from .w4a4_layout import GROUP, check_group_multiple, unpack_weight
 
 __all__ = [
@@ -63,17 +73,7 @@ def use_triton(device: torch.device, backend: str = "auto") -> bool:
     """``auto``: Triton on CUDA; ``triton``: always (CPU tensors need ``TRITON_INTERPRET=1``); ``torch``: never."""
     if backend not in BACKENDS:
         raise ValueError(f"W4A4 backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if not HAS_TRITON:
-        if backend == "triton":
-            raise RuntimeError("the triton W4A4 backend was requested but triton is not installed")
-        return False
-    if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"the triton W4A4 backend needs CUDA tensors or TRITON_INTERPRET=1, got {device}")
-        return True
-    return device.type == "cuda"
+    return triton_backend(device, backend, "W4A4")
 
 
 def check_weight_spec(spec: QuantSpec, name: str) -> None:
