@@ -222,22 +222,6 @@ def test_ptq_with_too_few_held_out_prompts_stops_before_building_the_model(tmp_p
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def test_kv_calibration_with_a_bad_prompt_file_stops_before_building_the_model(tmp_path, capsys, monkeypatch):
-    import infinity.pipeline
-
-    from deepcompressor.app.diffusion import calibrate_cache_quantization
-
-    built = []
-    monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
-    prompts = tmp_path / "p.yaml"
-    prompts.write_text("a: one\na: two\n", encoding="utf-8")
-    with pytest.raises(SystemExit) as stop:
-        calibrate_cache_quantization.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts)])
-    code = stop.value.code
-    err = capsys.readouterr().err
-    assert code == 2 and not built and "duplicate id 'a'" in err and err.count("\n") == 1
-
-
 def test_non_finite_calibration_activations_are_refused_naming_the_prompt_and_scale():
     from deepcompressor.app.diffusion.capture import CaptureError, check_capture_finite
 
@@ -252,20 +236,29 @@ def test_non_finite_calibration_activations_are_refused_naming_the_prompt_and_sc
         check_capture_finite(xs, text, "a fox")
 
 
-def test_diagnostics_with_a_bad_prompt_file_stop_before_building_the_model(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("app,text,message", [
+    ("calibrate_cache_quantization", "a: one\na: two\n", "duplicate id 'a'"),
+    ("activations_measurements", "a:\n", "empty caption for id 'a'"),
+])
+def test_apps_with_a_bad_prompt_file_stop_before_building_the_model(app, text, message, tmp_path, capsys,
+                                                                    monkeypatch):
+    import importlib
+
     import infinity.pipeline
 
-    from evaluation import activations_measurements
-
+    module = importlib.import_module(f"deepcompressor.app.diffusion.{app}" if app.startswith("calibrate")
+                                     else f"evaluation.{app}")
     built = []
     monkeypatch.setattr(infinity.pipeline, "pipeline_from_config", lambda *a, **k: built.append(1))
     prompts = tmp_path / "p.yaml"
-    prompts.write_text("a:\n", encoding="utf-8")
+    prompts.write_text(text, encoding="utf-8")
+    argv = ["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts)]
+    if app == "activations_measurements":
+        argv += ["--out", str(tmp_path / "diag")]
     with pytest.raises(SystemExit) as stop:
-        activations_measurements.main(["configs/models/infinity-tiny.yaml", "--collect-prompts", str(prompts),
-                                       "--out", str(tmp_path / "diag")])
+        module.main(argv)
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and not built and "empty caption for id 'a'" in err and err.count("\n") == 1
+    assert stop.value.code == 2 and not built and message in err and err.count("\n") == 1
     assert not (tmp_path / "diag").exists()
 
 
