@@ -25,14 +25,13 @@ from deepcompressor.kernels.w4a4_mixed import (
 )
 from deepcompressor.nn.fake_linear import FakeQuantLinear
 from deepcompressor.nn.w4a4_linear import W4A4Linear
-from deepcompressor.quant import quantize, resolve_spec
+from deepcompressor.quant import quantize
 
 pytest.importorskip("triton")
 
+from test_w4a4_kernels import _act_spec
 
-def _spec(dtype="sint4", symmetric=True, static=False, scale_dtype="float16"):
-    return resolve_spec(ActivationQuantConfig(dtype=dtype, group_size=64, symmetric=symmetric, static=static,
-                                              scale_dtype=scale_dtype))
+_spec = _act_spec  # the activation quantizer of the kernel tests
 
 
 def _x(m, k, dtype, seed):
