@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import kv_perf, kv_quality
+from .cli import add_list_argument
 from .report import finish
 
 SECTIONS = ("quality", "calib_time", "memory", "kernel")
@@ -42,7 +43,7 @@ logger = logging.getLogger("deepcompressor.bench.kv")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench.kv", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    add_list_argument(parser, "--sections", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--small", action="store_true", help="CPU-sized calibration-time and memory sections")
     parser.add_argument("--synthetic", action="store_true", help="quality on synthetic K/V instead of the tiny model")
@@ -59,11 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="kernel section: shorter timing windows")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
-    wanted = [s for s in args.sections.split(",") if s]
-    unknown = sorted(set(wanted) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
-    args.sections = wanted
     if args.calib_prompts < 1 or args.held_out_prompts < 1:
         parser.error("--calib-prompts and --held-out-prompts must be >= 1")
     return args

@@ -35,6 +35,7 @@ from ..calib.search import relative_error, synchronize
 from ..config.schema import QuantConfig
 from ..nn.fake_linear import FakeQuantLinear
 from ..utils.files import write_json
+from .cli import add_list_argument
 from .layers_synthetic import LAYER_SETS, SyntheticLayer, input_statistics, synthetic_inputs, synthetic_weight
 
 __all__ = ["DEFAULT_METHODS", "METHODS", "main", "method_config", "run_benchmark"]
@@ -159,9 +160,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:<i> or cpu (default: cuda when available)")
-    parser.add_argument("--sizes", default="2b,8b", help="comma-separated layer sets: tiny, 2b, 8b")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated subset of {METHODS} (default: the first five)")
+    add_list_argument(parser, "--sizes", choices=("tiny", "2b", "8b"), default=["2b", "8b"], help="layer sets")
+    add_list_argument(parser, "--methods", choices=METHODS, default=list(DEFAULT_METHODS),
+                      help="methods (default: the first five)")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192; tiny 1024)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4096; tiny 512)")
     parser.add_argument("--rank", type=int, default=None, help="low-rank branch rank (default 32; tiny 4)")
@@ -170,13 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the results as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        parser.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    methods, sizes = args.methods, args.sizes
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    sizes = [s for s in args.sizes.split(",") if s]
     try:
         results = run_benchmark(sizes, methods, args.device, args.tokens, args.eval_tokens, args.rank,
                                 args.gptq_tokens)

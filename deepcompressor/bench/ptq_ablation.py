@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import add_list_argument
+
 __all__ = ["METHODS", "ablation_table", "main", "run_ablation"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +68,7 @@ def ablation_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepcompressor.bench.ptq_ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "configs" / "models" / "infinity-tiny.yaml"))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    add_list_argument(parser, "--methods", choices=METHODS, default=list(METHODS), help="methods")
     parser.add_argument("--no-fast", action="store_true", help="leave out configs/svdquant/fast.yaml")
     parser.add_argument("--output-root", default="", help="output.root of the runs (default: the config's)")
     parser.add_argument("--device", default="", help="pipeline.device (default: the config's)")
@@ -77,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:  # each run's ptq.log keeps the details
         handler.setLevel(logging.WARNING)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    methods = args.methods
     # Every method runs from scratch (the seconds column times what it says), unless --resume.
     overrides = {"output.resume": bool(args.resume)}
     if args.output_root:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .cli import add_list_argument
 from .report import finish
 
 logger = logging.getLogger("deepcompressor.bench.w4a4")
@@ -64,15 +65,14 @@ def generation_rows(pn: str = GENERATION_PN, cfg_rows: int = 2) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.w4a4", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", default=None, help="Architectures (default: 2b 8b on GPU, tiny on CPU)")
+    add_list_argument(parser, "--arch", choices=("tiny", "2b", "8b"), help="Architectures (default: 2b 8b on GPU, tiny on CPU)")
     parser.add_argument("--rows", nargs="+", type=int, default=None,
                         help="Rows M per call (default: 2 8 32 64 256 1024 4608 8192 on GPU, 64 on CPU)")
     parser.add_argument("--tokens", nargs="+", type=int, default=None,
                         help="Image tokens per CFG row instead of --rows (M = tokens x --cfg-rows)")
     parser.add_argument("--cfg-rows", type=int, default=2, help="Rows per token (2 with classifier-free guidance)")
-    parser.add_argument("--backends", nargs="+", default=None, choices=("bf16", "int", "fused", "gemv", "tiled",
-                                                                         "dequant", "auto", "torch"),
-                        help="Default: bf16 int gemv dequant auto on GPU, bf16 torch on CPU")
+    add_list_argument(parser, "--backends", choices=("bf16", "int", "fused", "gemv", "tiled", "dequant", "auto", "torch"),
+                      help="Default: bf16 int gemv dequant auto on GPU, bf16 torch on CPU")
     parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None,
                         help="Also time one 1024x1024 generation's linear work per layer type (default: on GPU)")
     parser.add_argument("--rank", type=int, default=32, help="Low-rank branch rank")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import add_list_argument
+
 logger = logging.getLogger("deepcompressor.bench.w4a4_gpu")
 
 PARTS = ("check", "kernels", "2b", "8b")
@@ -46,7 +48,8 @@ BF16_TOL = 2**-7
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deepcompressor.bench.w4a4_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench/w4a4", help="Folder of the JSON results")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    add_list_argument(parser, "--sections", "--parts", choices=PARTS, default=list(PARTS), dest="parts",
+                      help="what to run")
     for arch in ("2b", "8b"):
         parser.add_argument(f"--artifacts-{arch}", default=None, help=f"PTQ artifacts of the {arch} model")
         parser.add_argument(f"--kv-calib-{arch}", default=None, help=f"KV calibration file of the {arch} model")
