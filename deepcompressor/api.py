@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ConfigIssue, load_config
+from .config import ConfigError, ConfigIssue, config_to_dict, load_config
 from .config.schema import RunConfig
 
 __all__ = ["load_quantized", "quantize", "validate"]
@@ -34,7 +34,7 @@ def validate(config: RunConfig) -> RunConfig:
     rules); returns the validated copy or raises ``ConfigError`` with one line per problem."""
     if not isinstance(config, RunConfig):
         raise TypeError(f"validate: expected a RunConfig, got {type(config).__name__}")
-    return load_config([], _flat(config))
+    return load_config([], config_to_dict(config))
 
 
 def _as_config(config: RunConfig | Sequence[str | Path]) -> RunConfig:
@@ -43,22 +43,6 @@ def _as_config(config: RunConfig | Sequence[str | Path]) -> RunConfig:
     if isinstance(config, (str, Path)):
         config = [config]
     return load_config([str(path) for path in config])
-
-
-def _flat(cfg: RunConfig) -> dict:
-    from .config import config_to_dict
-
-    flat = {}
-
-    def visit(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                visit(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            flat[prefix] = value
-
-    visit("", config_to_dict(cfg))
-    return flat
 
 
 def quantize(pipeline, config: RunConfig | Sequence[str | Path], *, out_dir: str | Path | None = None,
@@ -87,7 +71,7 @@ def quantize(pipeline, config: RunConfig | Sequence[str | Path], *, out_dir: str
 
     cfg = _as_config(config)
     if calibration is not None:
-        cfg = load_config([], {**_flat(cfg), "collect.prompts": calibration})
+        cfg = load_config([], {**config_to_dict(cfg), "collect.prompts": calibration})
     arch = getattr(getattr(pipeline.transformer, "arch", None), "name", None)
     if arch != cfg.pipeline.arch:
         raise ConfigError([ConfigIssue(f"the config builds Infinity-{cfg.pipeline.arch}, the pipeline is "
@@ -97,7 +81,7 @@ def quantize(pipeline, config: RunConfig | Sequence[str | Path], *, out_dir: str
         result = run_ptq(cfg, directory, pipeline=pipeline)
         if cfg.kv.enabled:
             kv_path = directory / "kv_quant_calib.pt"
-            kv_cfg = load_config([], {**_flat(cfg), "kv.calib_path": str(kv_path), "kv.artifact_dir": None})
+            kv_cfg = load_config([], {**config_to_dict(cfg), "kv.calib_path": str(kv_path), "kv.artifact_dir": ""})
             run_calibration(kv_cfg, pipeline_factory=lambda _: pipeline, progress=False)
             attach_kv_qparams(pipeline.transformer, kv_path, cfg.kv.dtype)
     if real:

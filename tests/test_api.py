@@ -79,3 +79,18 @@ def test_quantize_refuses_a_config_of_another_model(runs):
     other = load_config(CHAIN, {**SMALL, "pipeline.arch": "2b", "pipeline.random_init": True})
     with pytest.raises(ConfigError, match="pipeline.arch"):
         quantize(pipe, other)
+
+
+def test_quantize_with_kv_enabled_calibrates_and_attaches_the_cache(runs, tmp_path):
+    from infinity.pipeline import pipeline_from_config
+
+    from deepcompressor.nn.kv_cache import QuantizedKVCacheFactory
+
+    root = runs[4]
+    values = dict(SMALL, **{"collect.cache_dir": str(root / "cache"), "kv.enabled": True, "kv.max_tokens": 256})
+    kv_cfg = load_config(CHAIN, values)
+    pipe = quantize(pipeline_from_config(kv_cfg.pipeline), kv_cfg, out_dir=tmp_path / "art")
+    assert (tmp_path / "art" / "kv_quant_calib.pt").is_file()
+    assert isinstance(pipe.transformer.kv_cache_factory, QuantizedKVCacheFactory)
+    reloaded = load_quantized(tmp_path / "art", device="cpu")  # the KV file next to the artifacts is attached
+    assert isinstance(reloaded.transformer.kv_cache_factory, QuantizedKVCacheFactory)

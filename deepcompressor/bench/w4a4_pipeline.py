@@ -383,21 +383,9 @@ def default_json_path(cfg: RunConfig) -> Path:
 
 def _artifact_identity(directory: str) -> dict:
     """The model identity of an artifact directory's manifest (the files are checked when they are loaded)."""
-    import json
+    from ..app.diffusion.artifacts import read_manifest
 
-    from ..app.diffusion.artifacts import ARTIFACT_FORMAT, MANIFEST_FILE
-
-    path = Path(directory) / MANIFEST_FILE
-    if not Path(directory).is_dir():
-        raise ValueError(f"--artifacts / --base-path: {directory} is not a folder (the one ptq_infinity wrote)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--artifacts / --base-path: {path}: unreadable or missing ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT \
-            or not isinstance(manifest.get("model"), dict):
-        raise ValueError(f"--artifacts / --base-path: {path} is not a {ARTIFACT_FORMAT} manifest")
-    return manifest["model"]
+    return read_manifest(directory)["model"]
 
 
 def _check_inputs(cfg: RunConfig, args) -> list[str]:

@@ -50,6 +50,7 @@ __all__ = [
     "estimate_model_pt_bytes",
     "layer_entries_for_artifacts",
     "load_artifacts",
+    "read_manifest",
     "write_artifacts",
     "write_manifest",
 ]
@@ -254,13 +255,9 @@ def _non_finite_tensors(value, prefix: str = "") -> list[str]:
     return []
 
 
-def load_artifacts(directory: str | Path, expected_config: RunConfig | None = None, *,
-                   mmap: bool = False) -> ArtifactBundle:
-    """Load and validate an artifact directory; with ``expected_config`` its model identity and ``quant``
-    section must match the artifacts' config. Raises :class:`ArtifactError` naming the problem.
-
-    ``mmap``: the tensors stay memory-mapped from the ``.pt`` files (private, copy-on-write mappings: page cache
-    the kernel can drop and read again, instead of process memory holding a copy of every file)."""
+def read_manifest(directory: str | Path) -> dict:
+    """The checked ``manifest.json`` of an artifact directory (its sections present; the files it lists are
+    checked by ``load_artifacts``). Cheap: callers use it to check the model identity before any heavy work."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     if not directory.is_dir():
@@ -276,6 +273,19 @@ def load_artifacts(directory: str | Path, expected_config: RunConfig | None = No
     for key in ("files", "model", "layers"):
         if not isinstance(manifest.get(key), dict):
             _fail(f"{manifest_path}: missing section {key!r}")
+    return manifest
+
+
+def load_artifacts(directory: str | Path, expected_config: RunConfig | None = None, *,
+                   mmap: bool = False) -> ArtifactBundle:
+    """Load and validate an artifact directory; with ``expected_config`` its model identity and ``quant``
+    section must match the artifacts' config. Raises :class:`ArtifactError` naming the problem.
+
+    ``mmap``: the tensors stay memory-mapped from the ``.pt`` files (private, copy-on-write mappings: page cache
+    the kernel can drop and read again, instead of process memory holding a copy of every file)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    manifest_path = directory / MANIFEST_FILE
     model_data = _load_checked(directory, MODEL_FILE, manifest, mmap)
     smooth_data = _load_checked(directory, SMOOTH_FILE, manifest, mmap)
     branch_data = _load_checked(directory, BRANCH_FILE, manifest, mmap)
