@@ -103,6 +103,7 @@ class W4A4Linear(nn.Module):
         self.ispec = None if ipts is None or ipts.dtype is None else resolve_spec(ipts)
         if self.ispec is not None:
             check_activation_spec(self.ispec, name)
+            self._ispec_fields = spec_fields(self.ispec)  # the custom op's plain arguments, made once
         self.static_inputs = self.ispec is not None and bool(getattr(ipts, "static", False))
         if self.static_inputs and input_scale is None:
             raise ValueError(f"{name}: static input quantization needs calibrated input_scale")
@@ -277,7 +278,7 @@ class W4A4Linear(nn.Module):
             # The Triton paths go through the custom op: torch.compile sees one opaque call with a fake.
             y = torch.ops.deepcompressor.w4a4_linear(
                 x2d, ops.w_packed, ops.w_scale, ops.w_zero, smooth, l1t, l2t, bias, ops.static_scale,
-                ops.static_zero, *spec_fields(ops.spec), ops.w_signed, self.backend, self.name)
+                ops.static_zero, *self._ispec_fields, ops.w_signed, self.backend, self.name)
         else:
             y = linear_forward(x2d, ops, self.backend, cpu_weight=self._cpu_weight)
         return y.reshape(*x.shape[:-1], self.out_features)
