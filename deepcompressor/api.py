@@ -107,7 +107,6 @@ def load_quantized(artifact_dir: str | Path, *, device: str | torch.device | Non
             ``pipeline`` section).
     """
     from infinity.pipeline import pipeline_from_config
-    from infinity.precision import cast_nonblock_linears
 
     from .app.diffusion.artifacts import CONFIG_FILE
     from .app.diffusion.quantized_model import load_quantized_transformer
@@ -124,8 +123,7 @@ def load_quantized(artifact_dir: str | Path, *, device: str | torch.device | Non
         raise ArtifactError(f"{directory / CONFIG_FILE}: missing (not a ptq_infinity artifact directory)")
     model, _, _ = load_quantized_transformer(directory, device=cfg.pipeline.device, dtype=cfg.pipeline.dtype,
                                              backend=backend, real=real)
-    cast_nonblock_linears(model, cfg.pipeline.nonblock_dtype)
-    pipe = pipeline_from_config(cfg.pipeline, transformer=model)
+    pipe = pipeline_from_config(cfg.pipeline, transformer=model)  # also casts the non-block linears
     kv_path = Path(kv) if kv is not None else directory / "kv_quant_calib.pt"
     if kv is not None or kv_path.is_file():
         attach_kv_qparams(model, kv_path, kv_dtype)
