@@ -37,6 +37,7 @@ __all__ = [
     "GPTQConfig",
     "KVCacheConfig",
     "LowRankConfig",
+    "MemoryConfig",
     "OutputConfig",
     "PipelineConfig",
     "QuantConfig",
@@ -507,6 +508,35 @@ class OutputConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """GPU memory of the calibration apps (``ptq_infinity``, ``calibrate_cache_quantization``).
+
+    Offloading keeps the transformer's blocks in (pinned) host memory: calibration moves one block at a time to
+    the GPU, the generations (capture, held-out references, fidelity, KV recording) keep the first blocks resident
+    as the budget allows and stream the others; the text encoder and VAE are freed once the prompts are encoded;
+    the captured activations stay in host memory when they do not fit next to the block. The artifacts are the
+    same either way.
+
+    Args:
+        offload: ``auto``: on when the full-precision model would not fit ``gpu_budget_gib`` while it generates;
+            ``on`` / ``off`` force it.
+        gpu_budget_gib: GPU memory the run may use, in GiB (0: what the device has).
+        resident_blocks: Blocks kept on the GPU during the generations when offloading (-1: as many as the budget
+            allows).
+    """
+
+    offload: str = one_of("auto", ("auto", "on", "off"))
+    gpu_budget_gib: float = 0.0
+    resident_blocks: int = -1
+
+    def check(self) -> Issues:
+        if self.gpu_budget_gib < 0:
+            yield "gpu_budget_gib", f"must be >= 0 (0: the device's memory), got {self.gpu_budget_gib}"
+        if self.resident_blocks < -1:
+            yield "resident_blocks", f"must be >= -1 (-1: from the budget), got {self.resident_blocks}"
+
+
+@dataclass
 class RunConfig:
     """The whole resolved configuration of one run."""
 
@@ -516,6 +546,7 @@ class RunConfig:
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def check(self) -> Issues:
         # Evaluating on calibration prompts would hide overfitting of the searched scales.

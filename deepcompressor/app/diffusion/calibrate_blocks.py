@@ -38,6 +38,7 @@ from ...calib.search import subsample_tokens, synchronize
 from ...calib.smooth import fold_smooth_into_norm
 from ...nn.fake_linear import FakeQuantLinear
 from ...nn.layer_map import BLOCK_LAYERS
+from ...nn.offload import to_host
 
 __all__ = [
     "BLOCK_STATE_FORMAT",
@@ -98,10 +99,12 @@ def replay_block(block: nn.Module, plan: ReplayPlan, inputs: list[list[torch.Ten
     """Run ``block`` on ``inputs[prompt][scale]`` as the sampler does; returns the outputs if ``keep_outputs``.
 
     ``tap`` (a forward pre-hook already registered on one of the block's linears) is told the current
-    ``(prompt, scale)``; it may end each block call early by raising ``_StopReplay``.
+    ``(prompt, scale)``; it may end each block call early by raising ``_StopReplay``. Inputs kept in host memory
+    (``memory.offload``) are copied to the block's device one sample at a time, and their outputs copied back.
     """
     from infinity.kv_cache import LayerKVCache
 
+    device = next(block.parameters()).device
     outputs = [] if keep_outputs else None
     with torch.no_grad():
         for p, xs in enumerate(inputs):
@@ -114,11 +117,12 @@ def replay_block(block: nn.Module, plan: ReplayPlan, inputs: list[list[torch.Ten
                     if tap is not None:
                         tap.current = (p, s)
                     try:
-                        y = block(x, plan.gss[p], context, plan.rope[s], cache, plan.store[s])
+                        y = block(x.to(device, non_blocking=True), plan.gss[p], context, plan.rope[s], cache,
+                                  plan.store[s])
                     except _StopReplay:
                         continue
                     if keep_outputs:
-                        outs.append(y)
+                        outs.append(y if y.device == x.device else to_host(y))
             finally:
                 cache.reset()
                 context.memo = None

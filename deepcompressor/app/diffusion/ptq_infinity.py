@@ -76,6 +76,9 @@ class PTQResult:
             ``artifacts``, ``fidelity``, ``total``.
         sizes: Artifact sizes (complete runs).
         fidelity: The fidelity report (complete runs).
+        peaks: On CUDA, the peak allocated and reserved GiB of each stage (``load``, ``collect``, ``reference``,
+            ``calibration``, ``artifacts``, ``fidelity``).
+        memory: The memory plan (``memory.*``: offloading, resident blocks, estimates).
     """
 
     directory: Path
@@ -84,6 +87,8 @@ class PTQResult:
     timings: dict = field(default_factory=dict)
     sizes: dict | None = None
     fidelity: dict | None = None
+    peaks: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -288,31 +293,91 @@ def run_ptq(cfg: RunConfig, out_dir: str | Path, *, max_blocks: int | None = Non
         _unseal(out_dir)  # before the model is built: an interrupted start-over leaves no stale sealed folder
     with _log_file(out_dir / LOG_FILE):
         factory = pipeline_from_config if pipeline is None else (lambda _: pipeline)
-        return _run(cfg, out_dir, factory, max_blocks, on_block_done)
+        return _run(cfg, out_dir, factory, max_blocks, on_block_done, owned=pipeline is None)
 
 
-def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQResult:
+class _StageMeter:
+    """Seconds of each stage in ``timings`` and, on CUDA, its peak allocated and reserved memory in ``peaks``."""
+
+    def __init__(self, device: torch.device, timings: dict) -> None:
+        self.device = device
+        self.timings = timings
+        self.peaks: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        if cuda:
+            peak = {"allocated_GiB": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                    "reserved_GiB": torch.cuda.max_memory_reserved(self.device) / 2**30}
+            old = self.peaks.get(name, {})
+            self.peaks[name] = {k: max(v, old.get(k, 0.0)) for k, v in peak.items()}
+
+
+def _capture_bytes(cfg: RunConfig, settings: CaptureSettings, width: int) -> int:
+    """Float32 first-block inputs of every calibration sample (both CFG rows)."""
+    sizes = [t * h * w for t, h, w in settings.schedule[: settings.num_scales]]
+    return cfg.collect.num_prompts * sum(sizes) * 2 * width * 4
+
+
+def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: bool = True) -> PTQResult:
+    from .memory_plan import OffloadSession, module_bytes, plan_memory
+
     start_total = time.perf_counter()
     timings: dict = {"blocks": {}}
     start = time.perf_counter()
     p = cfg.pipeline
     logger.info("loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init,
                 p.device, p.dtype)
+    device = torch.device(p.device if p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    meter = _StageMeter(device, timings)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     pipe = pipeline_from_config(p)
     model, text_encoder = pipe.transformer, pipe.text_encoder
-    device = model.device
+    device = meter.device = model.device
     for name in (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         layer_kind(name)  # fail early on an unexpected layout
     fp_numel = sum(t.numel() for t in model.state_dict().values())
     identity = model_identity(p, model, text_encoder)
     settings = CaptureSettings.from_config(cfg)
     prompts = load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
+    eval_prompts = load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts,
+                                   key="eval.prompt_offset")
+    depth = len(model.blocks())
+    plan = plan_memory(cfg.memory, model, settings.schedule,
+                       text_bytes=module_bytes(text_encoder) + module_bytes(pipe.vae),
+                       capture_bytes=_capture_bytes(cfg, settings, model.arch.embed_dim),
+                       max_tokens=cfg.quant.max_tokens, device=device)
+    logger.info(plan.describe(depth))
+    session = OffloadSession(plan, pipe, owned=owned, captions=[c for _, c in prompts + eval_prompts],
+                             resident_blocks=cfg.memory.resident_blocks)
+    text_encoder = session.text_encoder
     timings["load"] = time.perf_counter() - start
+    if device.type == "cuda":
+        meter.peaks["load"] = {"allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+                               "reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30}
+    try:
+        return _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, settings, prompts, fp_numel,
+                          depth, max_blocks, on_block_done, start_total)
+    finally:
+        session.restore()
 
-    start = time.perf_counter()
-    captures, cache_folder = load_or_capture(model, text_encoder, prompts, settings, identity, cfg.collect.cache_dir)
-    synchronize(device)
-    timings["collect"] = time.perf_counter() - start
+
+def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, settings, prompts, fp_numel, depth,
+               max_blocks, on_block_done, start_total) -> PTQResult:
+    p = cfg.pipeline
+    timings = meter.timings
+    device = model.device
+    with meter.stage("collect"), session.generating():
+        captures, cache_folder = load_or_capture(model, text_encoder, prompts, settings, identity,
+                                                 cfg.collect.cache_dir)
 
     state_dir = out_dir / "state"
     key_data = {"format": STATE_FORMAT, "model": identity, "capture": cache_folder.name,
@@ -320,25 +385,28 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
     run_key = sha256_json(key_data)
     _prepare_state(state_dir, key_data, cfg.output.resume)
 
-    start = time.perf_counter()
-    references = _references(model, text_encoder, cfg, settings, identity, state_dir)
-    timings["reference"] = time.perf_counter() - start
+    with meter.stage("reference"), session.generating():
+        references = _references(model, text_encoder, cfg, settings, identity, state_dir)
 
-    depth = len(model.blocks())
     states = _load_block_states(model, state_dir, run_key)
-    for state in states:
-        install_block_state(model, state)
+    for index, state in enumerate(states):
+        with session.block_on_device(index):
+            install_block_state(model, state)
     if states:
         logger.info("resuming: blocks 0..%d loaded from %s", len(states) - 1, state_dir)
 
     calibrated: list[int] = []
     if len(states) < depth:
         plan = ReplayPlan.build(captures, settings, model)
-        inputs = [[x.to(device) for x in c.xs] for c in captures]
+        if session.plan.activations_on_device:
+            inputs = [[x.to(device) for x in c.xs] for c in captures]
+        else:
+            inputs = [[x.pin_memory() if device.type == "cuda" else x for x in c.xs] for c in captures]
         del captures
         start = time.perf_counter()
         for index in range(len(states)):  # inputs of the first block to calibrate
-            inputs = replay_block(model.blocks()[index], plan, inputs, keep_outputs=True)
+            with session.block_on_device(index, changes=False):
+                inputs = replay_block(model.blocks()[index], plan, inputs, keep_outputs=True)
         synchronize(device)
         timings["resume_replay"] = time.perf_counter() - start
         sizes = [x.shape[1] for x in inputs[0]]
@@ -347,16 +415,19 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
         logger.info("calibrating blocks %d..%d on %d samples, %d search tokens per layer", len(states), depth - 1,
                     len(selection.selected), selection.num_tokens)
         total_layers = (depth - len(states)) * len(BLOCK_LAYERS)
-        with tqdm(total=total_layers, desc="layers", unit="layer", leave=False) as layer_bar:
+        with meter.stage("calibration"), tqdm(total=total_layers, desc="layers", unit="layer",
+                                              leave=False) as layer_bar:
             for index in tqdm(range(len(states), depth), desc="blocks", unit="block"):
                 if max_blocks is not None and len(calibrated) >= max_blocks:
                     break
                 start = time.perf_counter()
-                result = calibrate_block(model, index, inputs, plan, selection, cfg.quant, run_key,
-                                         progress=layer_bar)
+                with session.block_on_device(index):
+                    result = calibrate_block(model, index, inputs, plan, selection, cfg.quant, run_key,
+                                             progress=layer_bar)
                 inputs = result.outputs
-                save_pt(state_dir / f"block_{index:03d}.pt", to_cpu(result.state))
-                states.append(result.state)
+                state = to_cpu(result.state)  # the finished blocks' states wait for the artifacts in host memory
+                save_pt(state_dir / f"block_{index:03d}.pt", state)
+                states.append(state)
                 synchronize(device)
                 timings["blocks"][index] = {"total": time.perf_counter() - start, **result.timings}
                 calibrated.append(index)
@@ -366,18 +437,16 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
     if len(states) < depth:
         timings["total"] = time.perf_counter() - start_total
         logger.info("stopped after %d of %d blocks (max_blocks)", len(states), depth)
-        return PTQResult(out_dir, False, calibrated, timings)
+        return PTQResult(out_dir, False, calibrated, timings, peaks=meter.peaks, memory=session.plan.as_dict())
 
-    start = time.perf_counter()
-    entries = {name: entry for state in states for name, entry in state["layers"].items()}
-    sizes = write_artifacts(out_dir, cfg, model, entries, fp_numel)
-    timings["artifacts"] = time.perf_counter() - start
+    with meter.stage("artifacts"):
+        entries = {name: entry for state in states for name, entry in state["layers"].items()}
+        sizes = write_artifacts(out_dir, cfg, model, entries, fp_numel)
     logger.info("model.pt is %.3f of the bfloat16 transformer (%.3f with smooth.pt and branch.pt)",
                 sizes["model_pt_over_bf16"], sizes["all_over_bf16"])
 
-    start = time.perf_counter()
-    model_level = evaluate_model(model, references, settings)
-    timings["fidelity"] = time.perf_counter() - start
+    with meter.stage("fidelity"), session.generating(session.resident_for_current_blocks()):
+        model_level = evaluate_model(model, references, settings)
     layer_rows = [entry["report"] for entry in entries.values()]
     fidelity = {
         "model": p.name, "method": _method_summary(cfg),
@@ -394,7 +463,8 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done) -> PTQRe
     write_manifest(out_dir, {**identity, "name": p.name}, layers,
                    {"sizes": sizes, "calibration": {"cache": cache_folder.name, "prompts": len(prompts),
                                                     "scales": settings.num_scales}})
-    return PTQResult(out_dir, True, calibrated, timings, sizes, fidelity)
+    return PTQResult(out_dir, True, calibrated, timings, sizes, fidelity, peaks=meter.peaks,
+                     memory=session.plan.as_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
