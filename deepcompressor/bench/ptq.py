@@ -2,6 +2,7 @@
 
     python -m deepcompressor.bench.ptq --arch 8b --blocks 2      # time 2 blocks, extrapolate to all 40
     python -m deepcompressor.bench.ptq --arch 2b                 # the full run (artifacts and fidelity too)
+    python -m deepcompressor.bench.ptq --arch 8b --offload on off --gpu-budget-gib 22 --kv   # offloaded vs resident
     python -m deepcompressor.bench.ptq --arch tiny --device cpu --fast --threads 2
 
 The chain is ``configs/models/infinity-<arch>.yaml configs/collect/qdiff.yaml configs/svdquant/int4.yaml`` (plus
@@ -10,7 +11,10 @@ file is read. The calibration data is captured into a fresh cache folder, so the
 
 Reported: model build, collection (the full-precision generations of the calibration prompts), the held-out
 reference generations, every calibrated block (replays and searches), artifacts and fidelity, and the peak
-memory (CUDA ``max_memory_allocated``, or the peak RSS on the CPU). With ``--blocks N`` only N blocks are
+memory (CUDA ``max_memory_allocated`` of every stage and the largest of them, or the peak RSS on the CPU), and the
+memory plan (``memory.*``: whether the blocks were offloaded, how many stayed resident). ``--offload on off`` runs
+the same PTQ offloaded and resident, one after the other; ``--kv`` adds the KV calibration through the artifacts
+with the same memory settings. With ``--blocks N`` only N blocks are
 calibrated; the total is then extrapolated (mean block time x depth, fidelity estimated as the reference
 generation time) and labelled as such. ``--json PATH`` writes every number.
 """
@@ -53,22 +57,56 @@ def build_config(arch: str, device: str, fast: bool, extra_files: list[str], roo
     return load_config([str(f) for f in files], values)
 
 
-def _peak_memory(device: torch.device) -> tuple[str, float]:
+def _peak_memory(device: torch.device, result) -> dict:
+    """The run's peak: the largest stage peak on CUDA (allocated and reserved), the peak RSS on the CPU."""
+    if device.type == "cuda" and result.peaks:
+        return {"what": "CUDA max_memory_allocated (largest stage)",
+                "GiB": max(p["allocated_GiB"] for p in result.peaks.values()),
+                "reserved_GiB": max(p["reserved_GiB"] for p in result.peaks.values())}
+    return {"what": "peak RSS", "GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _kv_calibration(cfg, artifact_dir: Path) -> dict:
+    """``calibrate_cache_quantization`` through the run's artifacts with the same ``memory`` settings."""
+    import gc
+
+    from ..app.diffusion.calibrate_cache_quantization import run_calibration
+    from ..config import config_to_dict, load_config
+
+    values = {**config_to_dict(cfg), "kv.artifact_dir": str(artifact_dir),
+              "kv.calib_path": str(artifact_dir / "kv_quant_calib.pt")}
+    kv_cfg = load_config([], values)
+    device = torch.device(cfg.pipeline.device if cfg.pipeline.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    gc.collect()
     if device.type == "cuda":
-        return "CUDA max_memory_allocated", torch.cuda.max_memory_allocated(device) / 2**30
-    return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = run_calibration(kv_cfg, progress=False)
+    report = {"seconds": time.perf_counter() - start,
+              "stages": {k: result.timings[k] for k in ("build", "record", "search")}}
+    if device.type == "cuda":
+        report["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        report["peak_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
+    report["memory"] = result.timings["memory"]
+    return report
 
 
-def run_benchmark(cfg, blocks: int | None) -> dict:
+def run_benchmark(cfg, blocks: int | None, *, kv: bool = False) -> dict:
+    import gc
+
     from ..app.diffusion.ptq_infinity import run_ptq
     from ..config import run_dir
 
     device = torch.device(cfg.pipeline.device if cfg.pipeline.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.empty_cache()
     start = time.perf_counter()
-    result = run_ptq(cfg, run_dir(cfg, []), max_blocks=blocks)
+    out_dir = run_dir(cfg, [])
+    result = run_ptq(cfg, out_dir, max_blocks=blocks)
     wall = time.perf_counter() - start
     t = result.timings
     block_times = [b["total"] for b in t["blocks"].values()]
@@ -78,11 +116,15 @@ def run_benchmark(cfg, blocks: int | None) -> dict:
     report = {
         "arch": cfg.pipeline.arch, "device": str(device), "threads": torch.get_num_threads(),
         "blocks_timed": len(block_times), "depth": depth, "complete": result.complete,
+        "offload": cfg.memory.offload, "memory_plan": result.memory,
         "seconds": {"load": t["load"], "collect": t["collect"], "reference": t["reference"],
                     "blocks": block_times, "block_mean": mean_block,
                     "block_replay_mean": sum(b["replay"] for b in t["blocks"].values()) / len(block_times),
                     "block_search_mean": sum(b["calibrate"] for b in t["blocks"].values()) / len(block_times)},
+        "stage_peaks": result.peaks,
     }
+    if device.type == "cuda":
+        report["device_name"] = torch.cuda.get_device_name(device)
     if result.complete:
         report["seconds"].update({"calibration": calibration, "artifacts": t["artifacts"], "fidelity": t["fidelity"],
                                   "ptq_total": t["total"], "wall": wall})
@@ -95,9 +137,10 @@ def run_benchmark(cfg, blocks: int | None) -> dict:
             "fidelity_estimated": t["reference"],
             "ptq_total_extrapolated": t["load"] + t["collect"] + t["reference"] + calibration + t["reference"],
         })
-    what, peak = _peak_memory(device)
-    report["peak_memory"] = {"what": what, "GiB": peak}
+    report["peak_memory"] = _peak_memory(device, result)
     report["model_pt_estimate"] = _size_estimate(cfg)
+    if kv and result.complete:
+        report["kv_calibration"] = _kv_calibration(cfg, out_dir)
     return report
 
 
@@ -115,22 +158,35 @@ def _size_estimate(cfg) -> dict:
 
 def _table(report: dict) -> str:
     s = report["seconds"]
+    peaks = report.get("stage_peaks") or {}
     extrapolated = not report["complete"]
-    rows = [("model build", s["load"]), ("collection (calibration generations)", s["collect"]),
-            ("held-out reference generations", s["reference"]),
-            (f"calibration, mean per block ({report['blocks_timed']} timed)", s["block_mean"]),
-            ("  of which replays", s["block_replay_mean"]), ("  of which searches", s["block_search_mean"])]
+    rows = [("model build", s["load"], "load"), ("collection (calibration generations)", s["collect"], "collect"),
+            ("held-out reference generations", s["reference"], "reference"),
+            (f"calibration, mean per block ({report['blocks_timed']} timed)", s["block_mean"], "calibration"),
+            ("  of which replays", s["block_replay_mean"], None), ("  of which searches", s["block_search_mean"], None)]
     if extrapolated:
-        rows += [(f"calibration, {report['depth']} blocks (EXTRAPOLATED)", s["calibration_extrapolated"]),
-                 ("fidelity (ESTIMATED as the reference time)", s["fidelity_estimated"]),
-                 ("PTQ total (EXTRAPOLATED)", s["ptq_total_extrapolated"])]
+        rows += [(f"calibration, {report['depth']} blocks (EXTRAPOLATED)", s["calibration_extrapolated"], None),
+                 ("fidelity (ESTIMATED as the reference time)", s["fidelity_estimated"], None),
+                 ("PTQ total (EXTRAPOLATED)", s["ptq_total_extrapolated"], None)]
     else:
-        rows += [(f"calibration, {report['depth']} blocks", s["calibration"]), ("artifacts", s["artifacts"]),
-                 ("fidelity", s["fidelity"]), ("PTQ total (measured)", s["ptq_total"])]
-    lines = [f"PTQ benchmark: Infinity-{report['arch']} on {report['device']} ({report['threads']} threads)",
-             f"{'stage':<52} {'seconds':>10}"]
-    lines += [f"{name:<52} {value:>10.1f}" for name, value in rows]
-    lines.append(f"{report['peak_memory']['what']}: {report['peak_memory']['GiB']:.2f} GiB")
+        rows += [(f"calibration, {report['depth']} blocks", s["calibration"], None),
+                 ("artifacts", s["artifacts"], "artifacts"), ("fidelity", s["fidelity"], "fidelity"),
+                 ("PTQ total (measured)", s["ptq_total"], None)]
+    plan = report.get("memory_plan") or {}
+    lines = [f"PTQ benchmark: Infinity-{report['arch']} on {report.get('device_name', report['device'])} "
+             f"({report['threads']} threads), memory.offload {report.get('offload', 'auto')}"
+             + (f" -> {'on' if plan.get('offload') else 'off'} ({plan.get('reason')})" if plan else ""),
+             f"{'stage':<52} {'seconds':>10} {'peak GiB':>10}"]
+    for name, value, stage in rows:
+        peak = peaks.get(stage, {}).get("allocated_GiB") if stage else None
+        lines.append(f"{name:<52} {value:>10.1f} {'' if peak is None else f'{peak:.2f}':>10}")
+    peak = report["peak_memory"]
+    reserved = f" (reserved {peak['reserved_GiB']:.2f} GiB)" if "reserved_GiB" in peak else ""
+    lines.append(f"{peak['what']}: {peak['GiB']:.2f} GiB{reserved}")
+    if plan.get("offload"):
+        lines.append(f"offloading: {plan['resident_blocks']} of {report['depth']} blocks resident during generations, "
+                     f"captured activations on {'the GPU' if plan['activations_on_device'] else 'the host'}, "
+                     f"budget {plan['budget_GiB']:.1f} GiB")
     size = report["model_pt_estimate"]
     lines.append(f"model.pt (estimated from the shapes): {size['total'] / 2**30:.3f} GiB = {size['ratio_to_bf16']:.3f} "
                  f"of the bf16 transformer ({size['bf16'] / 2**30:.3f} GiB)")
@@ -140,16 +196,54 @@ def _table(report: dict) -> str:
         f = report["fidelity"]
         lines.append(f"held-out logit rel. error {f['logit_rel_error']:.4g}, bit agreement "
                      f"{100 * f['bit_agreement']:.2f}%")
+    if report.get("kv_calibration"):
+        kv = report["kv_calibration"]
+        peak_kv = f", peak {kv['peak_memory_GiB']:.2f} GiB" if "peak_memory_GiB" in kv else ""
+        lines.append(f"KV calibration through the artifacts: {kv['seconds']:.1f} s{peak_kv}")
+    return "\n".join(lines)
+
+
+def _comparison(reports: dict[str, dict]) -> str:
+    """Stage times and peaks of the runs side by side (one column pair per ``memory.offload`` value)."""
+    modes = list(reports)
+    stages = ("load", "collect", "reference", "calibration", "artifacts", "fidelity")
+    head = f"{'stage':<14}" + "".join(f" {mode + ' s':>12} {mode + ' GiB':>12}" for mode in modes)
+    lines = ["", "memory.offload side by side:", head]
+    for stage in stages:
+        cells = ""
+        for mode in modes:
+            r = reports[mode]
+            seconds = r["seconds"].get(stage, r["seconds"].get("calibration_extrapolated") if stage == "calibration"
+                                       else None)
+            peak = (r.get("stage_peaks") or {}).get(stage, {}).get("allocated_GiB")
+            cells += f" {'-' if seconds is None else f'{seconds:.1f}':>12} {'-' if peak is None else f'{peak:.2f}':>12}"
+        lines.append(f"{stage:<14}{cells}")
+    totals = ""
+    for mode in modes:
+        r = reports[mode]
+        total = r["seconds"].get("ptq_total", r["seconds"].get("ptq_total_extrapolated"))
+        totals += f" {total:>12.1f} {r['peak_memory']['GiB']:>12.2f}"
+    lines.append(f"{'total / peak':<14}{totals}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import add_list_argument
+    from .report import finish
+
     parser = argparse.ArgumentParser(prog="deepcompressor.bench.ptq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=("tiny", "2b", "8b"), default="tiny")
     parser.add_argument("--blocks", type=int, default=0, help="calibrate only N blocks and extrapolate (0: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--fast", action="store_true", help="stack configs/svdquant/fast.yaml")
     parser.add_argument("--config", action="append", default=[], help="extra config file (repeatable)")
+    add_list_argument(parser, "--offload", choices=("auto", "on", "off"), default=["auto"],
+                      help="memory.offload of each run, in turn (e.g. 'on off' compares them); the JSON's top-level "
+                           "keys are the first run's, every run is under 'runs'")
+    parser.add_argument("--gpu-budget-gib", type=float, default=0.0,
+                        help="memory.gpu_budget_gib (0: the device's memory)")
+    parser.add_argument("--kv", action="store_true",
+                        help="also run the KV calibration through the artifacts (complete runs), same memory settings")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workdir", default="", help="folder for the cache and run (default: a temporary one)")
     parser.add_argument("--json", default="", help="write the report as JSON here")
@@ -158,18 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ptq-"))
+    reports = {}
     try:
-        cfg = build_config(args.arch, args.device, args.fast, args.config, root, {})
-        report = run_benchmark(cfg, args.blocks or None)
+        for mode in args.offload:
+            # each run captures its calibration data afresh, so the collection is timed with its own settings
+            cfg = build_config(args.arch, args.device, args.fast, args.config, root / mode,
+                               {"memory.offload": mode, "memory.gpu_budget_gib": args.gpu_budget_gib})
+            reports[mode] = run_benchmark(cfg, args.blocks or None, kv=args.kv)
+            print(_table(reports[mode]))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    print(_table(report))
-    if args.json:
-        from ..utils.files import write_json
-
-        write_json(args.json, report)
-    return 0
+    report = dict(reports[args.offload[0]])
+    report["date"] = time.strftime("%Y-%m-%d")
+    if len(reports) > 1:
+        report["runs"] = reports
+    return finish(_comparison(reports) if len(reports) > 1 else "", report, args.json or None)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _apply_artifacts(model, bundle) -> dict:
 
 
 @torch.no_grad()
-def _record(pipe, cfg: RunConfig, recorder: KVRecorder) -> int:
+def _record(model, text_encoder, cfg: RunConfig, recorder: KVRecorder) -> int:
     """Generate the calibration prompts inside ``recorder``; returns the number of prompts."""
     from infinity.sampler import sample
 
@@ -136,9 +136,9 @@ def _record(pipe, cfg: RunConfig, recorder: KVRecorder) -> int:
 
     with recorder:
         for index, (_, caption) in enumerate(tqdm(prompts, desc="kv calibration prompts", unit="prompt")):
-            text = pipe.text_encoder.encode([caption])
+            text = text_encoder.encode([caption])
             try:
-                sample(pipe.transformer, text.kv_compact, text.lens, schedule, cfg=settings.cfg, tau=settings.tau,
+                sample(model, text.kv_compact, text.lens, schedule, cfg=settings.cfg, tau=settings.tau,
                        top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed + index,
                        h_div_w=settings.h_div_w, on_scale=on_scale)  # fmt: skip
             except _EnoughScales:
@@ -201,6 +201,8 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
     ``force`` overwrites a ``kv.calib_path`` that holds another model's calibration (see ``check_output_path``)."""
     from infinity.pipeline import pipeline_from_config
 
+    from .memory_plan import OffloadSession, module_bytes, plan_memory
+
     check_output_path(Path(cfg.kv.calib_path), cfg.pipeline.arch, force=force)
     timings = {}
     start = time.perf_counter()
@@ -214,23 +216,35 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
     if bundle is not None:
         calibrated_through = _apply_artifacts(model, bundle)
         logger.info("calibrating through the W4A4 model of %s", cfg.kv.artifact_dir)
-    timings["build"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    recorder = KVRecorder(model, cfg.kv.max_tokens, seed=cfg.collect.seed, stored_only=cfg.kv.current == "full")
-    sample_bytes = 2 * identity["depth"] * cfg.kv.max_tokens * identity["embed_dim"] * model.block_dtype.itemsize
-    logger.info("K/V token samples take up to %.2f GiB of CPU memory", sample_bytes / 2**30)
-    num_prompts = _record(pipe, cfg, recorder)
-    if recorder.num_sampled < 2:
-        raise KVCalibrationRunError(f"only {recorder.num_sampled} cached tokens were recorded; need at least 2")
-    timings["record"] = time.perf_counter() - start
-    logger.info("recorded %d cached tokens per block, sampled %d", recorder.num_seen, recorder.num_sampled)
-
-    start = time.perf_counter()
-    qparams, stats = calibrate_kv(recorder, identity, cfg, model.device, progress)
-    timings["search"] = time.perf_counter() - start
-
     settings = CaptureSettings.from_config(cfg)
+    plan = plan_memory(cfg.memory, model, settings.schedule, text_bytes=module_bytes(pipe.text_encoder)
+                       + module_bytes(pipe.vae), capture_bytes=0, max_tokens=cfg.kv.max_tokens, device=model.device)
+    logger.info(plan.describe(identity["depth"]))
+    captions = [c for _, c in load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)]
+    session = OffloadSession(plan, pipe, owned=pipeline_factory is None, captions=captions,
+                             resident_blocks=cfg.memory.resident_blocks)
+    timings["build"] = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        recorder = KVRecorder(model, cfg.kv.max_tokens, seed=cfg.collect.seed, stored_only=cfg.kv.current == "full")
+        sample_bytes = 2 * identity["depth"] * cfg.kv.max_tokens * identity["embed_dim"] * model.block_dtype.itemsize
+        logger.info("K/V token samples take up to %.2f GiB of CPU memory", sample_bytes / 2**30)
+        with session.generating(session.resident_for_current_blocks()):
+            num_prompts = _record(model, session.text_encoder, cfg, recorder)
+        if recorder.num_sampled < 2:
+            raise KVCalibrationRunError(f"only {recorder.num_sampled} cached tokens were recorded; need at least 2")
+        timings["record"] = time.perf_counter() - start
+        logger.info("recorded %d cached tokens per block, sampled %d", recorder.num_seen, recorder.num_sampled)
+
+        start = time.perf_counter()
+        qparams, stats = calibrate_kv(recorder, identity, cfg, model.device, progress)
+        timings["search"] = time.perf_counter() - start
+    finally:
+        session.restore()
+    if model.device.type == "cuda":
+        timings["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(model.device) / 2**30
+    timings["memory"] = plan.as_dict()
+
     data = {
         "format": CALIB_FORMAT,
         "model": identity | calibrated_through,
