@@ -55,18 +55,23 @@ def _config(root: Path, offload: str, **extra):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload")
     results = {mode: run_ptq(_config(root, mode), root / mode) for mode in ("off", "on")}
+    # a budget (30 MiB) that keeps some blocks on the "device" and offloads others as the phases need
+    budget = _config(root / "budget", "on", **{"memory.resident_blocks": -1, "memory.gpu_budget_gib": 0.03})
+    results["budget"] = run_ptq(budget, root / "budget" / "run")
     return root, results
 
 
-def test_offloaded_run_writes_the_resident_runs_artifacts(runs):
+@pytest.mark.parametrize("mode", ["on", "budget"])
+def test_offloaded_run_writes_the_resident_runs_artifacts(runs, mode):
     root, results = runs
-    assert results["on"].memory["offload"] and results["on"].memory["resident_blocks"] == 2
-    assert not results["off"].memory["offload"]
-    resident, offloaded = _tensors(root / "off"), _tensors(root / "on")
+    assert results[mode].memory["offload"] and not results["off"].memory["offload"]
+    assert results["on"].memory["resident_blocks"] == 2
+    where = root / "budget" / "run" if mode == "budget" else root / mode
+    resident, offloaded = _tensors(root / "off"), _tensors(where)
     assert sorted(resident) == sorted(offloaded) and len(resident) > 100
     for key, tensor in resident.items():
         assert torch.equal(tensor, offloaded[key]), key
-    fidelity = [json.loads((root / mode / "fidelity.json").read_text())["model_level"] for mode in ("off", "on")]
+    fidelity = [json.loads((d / "fidelity.json").read_text())["model_level"] for d in (root / "off", where)]
     assert fidelity[0] == fidelity[1]
 
 
@@ -213,6 +218,22 @@ def test_resident_blocks_fit_the_room_left():
     # 22 GiB budget, 1 GiB margin, 9 GiB fixed: 12 blocks of 1 GiB fit, two of them kept for streamed blocks
     assert resident_blocks_within(22 * GiB, 9 * GiB, GiB, 40) == 10
     assert resident_blocks_within(5 * GiB, 9 * GiB, GiB, 40) == 0
+    # a small budget keeps 5% free instead of 1 GiB
+    assert resident_blocks_within(10 * 2**20, 0, 2**20, 40) == 7
+
+
+def test_a_changed_block_reuses_its_host_memory():
+    model = _blocks()
+    offloader = BlockOffloader(list(model), "cpu")
+    offloader.offload_all()
+    held = offloader.host_bytes
+    offloader.load(1)
+    model[1].b = nn.Linear(8, 4)  # calibration swaps layers for smaller ones
+    offloader.offload(1)
+    assert offloader.host_bytes == held
+    offloader.load(2)
+    offloader.keep(2)  # stays on the device: its host copy is released for later offloads
+    assert offloader.host_blocks() == [0, 1, 3]
 
 
 def test_auto_offloads_only_when_the_model_does_not_fit():
@@ -228,9 +249,9 @@ def test_auto_offloads_only_when_the_model_does_not_fit():
 
     roomy = plan(gpu_budget_gib=8.0)
     assert not roomy.offload and "generates in" in roomy.reason
-    need = roomy.estimates["resident_generation"] / GiB
-    tight = plan(gpu_budget_gib=need * 0.999)
-    assert tight.offload and tight.activations_on_device and "budget" in tight.reason
+    tight = plan(gpu_budget_gib=roomy.estimates["blocks"] / GiB)  # the blocks alone: no room to generate
+    assert tight.offload and "budget" in tight.reason
+    assert tight.resident_blocks < len(model.blocks())
     assert plan(offload="on", gpu_budget_gib=8.0, resident_blocks=2).resident_blocks == 2
     assert not plan(offload="off", gpu_budget_gib=0.001).offload
     assert "offloading" in tight.describe(len(model.blocks()))

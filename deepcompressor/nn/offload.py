@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BlockOffloader", "module_device_bytes", "to_host"]
+__all__ = ["BlockOffloader", "drop_device_caches", "module_device_bytes", "to_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,49 @@ def _host_copy(tensor: torch.Tensor, pin: bool, non_blocking: bool) -> torch.Ten
     return host.copy_(tensor, non_blocking=non_blocking)
 
 
+_ALIGN = 256  # bytes: every tensor of a host region starts at an offset its dtype can be viewed at
+
+
+def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], int]:
+    """Strides for the host copy (the tensor's own unless it is an expanded view) and the elements they span."""
+    shape, stride = tuple(tensor.shape), tuple(tensor.stride())
+    if 0 in stride and tensor.numel() > 1:
+        stride = torch.empty(shape, device="meta").stride()
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if tensor.numel() else 0
+    return stride, span
+
+
+class _HostArena:
+    """Host memory of the offloaded blocks: regions of large (pinned) slabs, reused when a block is offloaded
+    again. Page-locking host memory is slow (about 1.5 GB/s on a cloud VM), so a run pays it once per byte."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._free: list[tuple[torch.Tensor, int, int]] = []  # (slab, offset, bytes)
+        self.allocated = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate one slab of ``nbytes`` for later ``take``s (fewer, larger page-locked allocations)."""
+        if nbytes > 0:
+            slab = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+            self.allocated += nbytes
+            self._free.append((slab, 0, nbytes))
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, int, int]:
+        fitting = [k for k, r in enumerate(self._free) if r[2] >= nbytes]
+        if not fitting:
+            self.reserve(nbytes)
+            fitting = [len(self._free) - 1]
+        slab, offset, size = self._free.pop(min(fitting, key=lambda k: self._free[k][2]))
+        rest = (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        if size - rest > 0:
+            self._free.append((slab, offset + rest, size - rest))
+        return slab, offset, min(size, rest)
+
+    def give(self, region: tuple[torch.Tensor, int, int]) -> None:
+        self._free.append(region)
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy of ``tensor`` with its strides: pinned and asynchronous for a CUDA tensor (ordered on the
     current stream, so a later copy back to the device on that stream reads the finished values)."""
@@ -68,20 +111,20 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return _host_copy(tensor, pin=cuda, non_blocking=cuda)
 
 
-def _drop_device_caches(block: nn.Module) -> None:
+def drop_device_caches(block: nn.Module) -> None:
     for module in block.modules():
         if getattr(module, "_main_cache", None) is not None:
             module._main_cache = None
 
 
-def module_device_bytes(module: nn.Module) -> int:
-    """Bytes a module occupies on its device once it has run: parameters, buffers and the dequantized weight that
-    a fake-quantized layer caches on its first forward."""
+def module_device_bytes(module: nn.Module, *, with_cache: bool = True) -> int:
+    """Bytes a module occupies on its device: parameters and buffers, plus (``with_cache``) the dequantized weight
+    that a fake-quantized layer caches on its first forward."""
     total = sum(t.numel() * t.element_size() for t in module.parameters())
     total += sum(t.numel() * t.element_size() for t in module.buffers())
-    for layer in module.modules():
-        if getattr(layer, "quant_weights", False) and getattr(layer, "qweight_codes", None) is not None:
-            total += layer.in_features * layer.out_features * 2  # the bf16 / fp16 main-weight cache
+    if with_cache:
+        total += sum(layer.in_features * layer.out_features * 2 for layer in module.modules()
+                     if getattr(layer, "quant_weights", False) and getattr(layer, "qweight_codes", None) is not None)
     return total
 
 
@@ -103,6 +146,8 @@ class BlockOffloader:
         self.pin = cuda if pin is None else pin
         self._copy_stream = torch.cuda.Stream(self.device) if (cuda and prefetch) else None
         self._slots: dict[int, list[_Slot]] = {}  # blocks with a host copy
+        self._regions: dict[int, tuple[torch.Tensor, int, int]] = {}  # where each host copy lives
+        self._arena = _HostArena(self.pin)
         self._on_device: set[int] = set(range(len(self.blocks)))  # blocks whose tensors are on the device
         self._pending: dict[int, torch.cuda.Event] = {}  # prefetched blocks: copy not yet waited for
         self.bytes_copied = 0
@@ -117,30 +162,64 @@ class BlockOffloader:
 
     # -------------------------------------------------------------------- moves
 
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        return _host_copy(tensor, self.pin, non_blocking=False)
+    @property
+    def host_bytes(self) -> int:
+        """Host memory held for the blocks (allocated once, reused)."""
+        return self._arena.allocated
 
-    def offload(self, index: int) -> None:
-        """Copy block ``index``'s current tensors to the host and point the block at them."""
-        block = self.blocks[index]
-        _drop_device_caches(block)
-        self._pending.pop(index, None)
-        copies: dict[tuple, torch.Tensor] = {}  # a tensor shared by several modules is copied once
-        slots = []
+    @staticmethod
+    def _tensors(block: nn.Module) -> list[tuple[nn.Module, bool, str, torch.Tensor]]:
+        found = []
         for module in block.modules():
             for is_param, table in ((True, module._parameters), (False, module._buffers)):
                 for name, value in table.items():
-                    if value is None:
-                        continue
-                    tensor = value.data if is_param else value
-                    key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-                    host = copies.get(key) if tensor.numel() else None
-                    if host is None:
-                        host = copies[key] = self._to_host(tensor)
-                    slots.append(_Slot(module, is_param, name, host))
+                    if value is not None:
+                        found.append((module, is_param, name, value.data if is_param else value))
+        return found
+
+    def _unique(self, index: int) -> tuple[list, dict[tuple, tuple[int, tuple, int]], int]:
+        """The block's tensors, the host layout of each distinct one (offset, strides, span) and the bytes."""
+        entries = self._tensors(self.blocks[index])
+        layout, total = {}, 0
+        for *_, tensor in entries:
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if key in layout:  # a tensor shared by several modules is copied once
+                continue
+            stride, span = _layout(tensor)
+            layout[key] = (total, stride, span)
+            total += (span * tensor.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+        return entries, layout, total
+
+    def offload(self, index: int) -> None:
+        """Copy block ``index``'s current tensors to the host and point the block at them (a no-op for a block
+        already there)."""
+        if index not in self._on_device and index in self._slots:
+            return
+        block = self.blocks[index]
+        drop_device_caches(block)
+        self._pending.pop(index, None)
+        stale = self._regions.pop(index, None)
+        if stale is not None:  # the block changed on the device: its old host copy is free for the new one
+            self._arena.give(stale)
+        entries, layout, total = self._unique(index)
+        region = self._arena.take(total)
+        slab, base, _ = region
+        copies: dict[tuple, torch.Tensor] = {}
+        slots = []
+        for module, is_param, name, tensor in entries:
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            host = copies.get(key)
+            if host is None:
+                offset, stride, span = layout[key]
+                size = span * tensor.element_size()
+                flat = slab[base + offset : base + offset + size].view(tensor.dtype)
+                host = copies[key] = flat.as_strided(tuple(tensor.shape), stride)
+                host.copy_(tensor.detach())
+            slots.append(_Slot(module, is_param, name, host))
         for slot in slots:
             slot.point_to(slot.host)
         self._slots[index] = slots
+        self._regions[index] = region
         self._on_device.discard(index)
 
     def load(self, index: int, *, stream: torch.cuda.Stream | None = None) -> None:
@@ -154,7 +233,12 @@ class BlockOffloader:
             for slot in slots:
                 device_copy = copies.get(id(slot.host))
                 if device_copy is None:
-                    device_copy = copies[id(slot.host)] = slot.host.to(self.device, non_blocking=self.pin)
+                    if self.device.type == "cpu":  # a copy of its own, as on a GPU (the host region gets reused)
+                        device_copy = torch.empty_strided(slot.host.shape, slot.host.stride(), dtype=slot.host.dtype)
+                        device_copy.copy_(slot.host)
+                    else:
+                        device_copy = slot.host.to(self.device, non_blocking=self.pin)
+                    copies[id(slot.host)] = device_copy
                     self.bytes_copied += slot.host.numel() * slot.host.element_size()
                 slot.point_to(device_copy)
         if stream is not None:
@@ -180,33 +264,48 @@ class BlockOffloader:
         if index not in self._slots:
             raise RuntimeError(f"block {index} has no host copy: offload it instead of releasing it")
         self._wait(index)
-        _drop_device_caches(self.blocks[index])
+        drop_device_caches(self.blocks[index])
         for slot in self._slots[index]:
             slot.point_to(slot.host)
         self._on_device.discard(index)
 
+    def keep(self, index: int) -> None:
+        """Block ``index`` (on the device, changed there) stays on the device: its stale host copy is dropped."""
+        if index not in self._on_device:
+            raise RuntimeError(f"block {index} is not on the device")
+        self._slots.pop(index, None)
+        region = self._regions.pop(index, None)
+        if region is not None:
+            self._arena.give(region)
+
     def offload_all(self) -> None:
-        for index in range(len(self.blocks)):
-            if index in self._on_device:
-                self.offload(index)
+        indices = [i for i in range(len(self.blocks)) if i in self._on_device]
+        self._arena.reserve(sum(self._unique(i)[2] for i in indices))  # one allocation for all of them
+        for index in indices:
+            self.offload(index)
 
     def load_all(self) -> None:
         for index in range(len(self.blocks)):
             self.load(index)
             self._wait(index)
-        self._slots.clear()  # back on the device for good: the host copies go
+        # back on the device for good: the host copies go
+        self._slots.clear()
+        self._regions.clear()
+        self._arena = _HostArena(self.pin)
 
     # -------------------------------------------------------------------- streaming
 
     @contextmanager
-    def streaming(self, resident: int):
-        """Blocks ``0 .. resident - 1`` on the device, the others loaded around their forward (see the module
-        docstring); on exit the streamed blocks are all back on the host."""
-        resident = max(0, min(resident, len(self.blocks)))
-        for index in range(resident):
+    def streaming(self, resident: int | Sequence[int], *, drop_caches: bool = False):
+        """The ``resident`` blocks (a count: the first ones) on the device, the others loaded around their forward
+        (see the module docstring); on exit the streamed blocks are all back on the host. ``drop_caches`` drops
+        every block's device-specific caches after its forward (fake-quantized blocks then hold only their codes)."""
+        depth = len(self.blocks)
+        keep = set(range(max(0, min(resident, depth)))) if isinstance(resident, int) else set(resident)
+        for index in sorted(keep):
             self.load(index)
             self._wait(index)
-        streamed = list(range(resident, len(self.blocks)))
+        streamed = [i for i in range(depth) if i not in keep]
         for index in streamed:
             if index in self._on_device:
                 self.offload(index)
@@ -228,11 +327,18 @@ class BlockOffloader:
                 self.release(index)
             return hook
 
+        def drop(index):
+            def hook(_module, _args, _output):
+                drop_device_caches(self.blocks[index])
+            return hook
+
         for index in streamed:
             handles.append(self.blocks[index].register_forward_pre_hook(before(index)))
             handles.append(self.blocks[index].register_forward_hook(after(index)))
-        logger.info("streaming %d of %d blocks from host memory (%d resident on %s)", len(streamed),
-                    len(self.blocks), resident, self.device)
+        if drop_caches:
+            handles += [self.blocks[index].register_forward_hook(drop(index)) for index in sorted(keep)]
+        logger.info("streaming %d of %d blocks from host memory (%d resident on %s)", len(streamed), depth,
+                    len(keep), self.device)
         try:
             yield self
         finally:

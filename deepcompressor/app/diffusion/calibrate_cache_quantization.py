@@ -222,14 +222,14 @@ def run_calibration(cfg: RunConfig, *, pipeline_factory=None, progress: bool = T
     logger.info(plan.describe(identity["depth"]))
     captions = [c for _, c in load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)]
     session = OffloadSession(plan, pipe, owned=pipeline_factory is None, captions=captions,
-                             resident_blocks=cfg.memory.resident_blocks)
+                             schedule=settings.schedule, resident_blocks=cfg.memory.resident_blocks)
     timings["build"] = time.perf_counter() - start
     try:
         start = time.perf_counter()
         recorder = KVRecorder(model, cfg.kv.max_tokens, seed=cfg.collect.seed, stored_only=cfg.kv.current == "full")
         sample_bytes = 2 * identity["depth"] * cfg.kv.max_tokens * identity["embed_dim"] * model.block_dtype.itemsize
         logger.info("K/V token samples take up to %.2f GiB of CPU memory", sample_bytes / 2**30)
-        with session.generating(session.resident_for_current_blocks()):
+        with session.generating():
             num_prompts = _record(model, session.text_encoder, cfg, recorder)
         if recorder.num_sampled < 2:
             raise KVCalibrationRunError(f"only {recorder.num_sampled} cached tokens were recorded; need at least 2")

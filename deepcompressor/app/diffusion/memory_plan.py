@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...nn.offload import BlockOffloader, module_device_bytes
+from ...nn.offload import BlockOffloader, drop_device_caches, module_device_bytes
 
 __all__ = [
     "EncodedPrompts",
@@ -55,21 +55,28 @@ def device_budget_bytes(memory_cfg, device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def generation_work_bytes(arch, schedule, rows: int = 2, dtype_bytes: int = 2) -> int:
+def generation_work_bytes(arch, schedule, rows: int = 2, dtype_bytes: int = 2, fake_quant: bool = False) -> int:
     """KV cache and activations of one generation with ``rows`` rows (2 with CFG) at ``schedule``.
 
     Cache: every scale but the last is stored (K and V, ``dtype_bytes`` each). At the last scale each layer's
     attention reads the cache and the current keys together (a transient copy of one layer's K and V), and the
     largest activations are the float32 residual stream, the bf16 QKV and the FFN's hidden layer before and after
-    its GELU (counted with 2x for the temporaries around them).
+    its GELU (Infinity-8B on an H200: 7.85 GiB measured, 8.2 GiB estimated). Fake-quantized layers
+    (``fake_quant``) quantize their inputs through float32 temporaries: six copies of the FFN's hidden layer.
     """
     sizes = [int(t) * int(h) * int(w) for t, h, w in schedule]
     cached, last = sum(sizes[:-1]), sizes[-1]
     width, hidden = arch.embed_dim, arch.mlp_hidden
     cache = arch.depth * cached * rows * width * 2 * dtype_bytes
     attention = (cached + last) * rows * width * 2 * dtype_bytes
-    activations = 2 * rows * last * (4 * width * 4 + 3 * width * dtype_bytes + 2 * hidden * dtype_bytes)
+    activations = rows * last * (4 * width * 4 + 3 * width * dtype_bytes + 2 * hidden * dtype_bytes)
+    if fake_quant:
+        activations += 6 * rows * last * hidden * 4
     return cache + attention + activations
+
+
+def has_fake_quant_inputs(model) -> bool:
+    return any(getattr(m, "quant_inputs", False) for m in model.modules())
 
 
 def search_bytes(arch, max_tokens: int) -> int:
@@ -79,12 +86,18 @@ def search_bytes(arch, max_tokens: int) -> int:
     return 4 * (6 * max_tokens * widest + 6 * arch.embed_dim * arch.mlp_hidden)
 
 
+def margin_bytes(budget: int) -> int:
+    """Kept free inside the budget (fragmentation, the caching allocator's rounding): 1 GiB, or 5% of a small
+    budget."""
+    return min(GiB, budget // 20)
+
+
 def resident_blocks_within(budget: int, fixed: int, block_bytes: int, depth: int, streamed_buffers: int = 2) -> int:
     """How many blocks fit next to ``fixed`` bytes, leaving room for ``streamed_buffers`` blocks in flight."""
-    room = budget - _MARGIN_BYTES - fixed
+    room = budget - margin_bytes(budget) - fixed
     if room >= depth * block_bytes:
         return depth
-    return max(0, min(depth, room // block_bytes - streamed_buffers))
+    return max(0, min(depth, room // max(block_bytes, 1) - streamed_buffers))
 
 
 @dataclass(frozen=True)
@@ -92,9 +105,9 @@ class MemoryPlan:
     """The decisions of one run (logged, and recorded by the benchmark).
 
     Attributes:
-        offload: Whether blocks live in host memory.
+        offload: Whether blocks may live in host memory.
         budget_bytes: The GPU memory the plan fits in.
-        resident_blocks: Full-precision blocks kept on the GPU during the generations.
+        resident_blocks: Blocks kept on the GPU during the first generations (the others are streamed).
         activations_on_device: Whether the captured block inputs and outputs stay on the GPU during calibration.
         estimates: The byte estimates behind the decisions.
         reason: Why offloading is on or off.
@@ -112,9 +125,9 @@ class MemoryPlan:
             return f"memory: everything on the device ({self.reason})"
         where = "the GPU" if self.activations_on_device else "pinned host memory"
         return (f"memory: offloading ({self.reason}): {depth - self.resident_blocks} of {depth} blocks streamed from "
-                f"host memory during generations, one block at a time on the GPU while calibrating, captured "
-                f"activations in {where}; text encoder and VAE freed once the prompts are encoded; budget "
-                f"{self.budget_bytes / GiB:.1f} GiB")
+                f"host memory during generations; calibration keeps on the GPU the blocks that fit next to its "
+                f"buffers; captured activations in {where}; text encoder and VAE freed once the prompts are "
+                f"encoded; budget {self.budget_bytes / GiB:.1f} GiB")
 
     def as_dict(self) -> dict:
         return {"offload": self.offload, "budget_GiB": self.budget_bytes / GiB, "resident_blocks": self.resident_blocks,
@@ -131,15 +144,16 @@ def plan_memory(memory_cfg, model, schedule, *, text_bytes: int, capture_bytes: 
     """
     blocks = model.blocks()
     depth = len(blocks)
-    block_bytes = max(module_device_bytes(b) for b in blocks)
-    all_blocks = sum(module_device_bytes(b) for b in blocks)
-    nonblock = module_device_bytes(model) - all_blocks
-    work = generation_work_bytes(model.arch, schedule)
+    cached = sum(module_device_bytes(b) for b in blocks)  # what the blocks hold when nothing is offloaded
+    plain = [module_device_bytes(b, with_cache=False) for b in blocks]
+    nonblock = module_device_bytes(model, with_cache=False) - sum(plain)
+    work = generation_work_bytes(model.arch, schedule, fake_quant=has_fake_quant_inputs(model))
     budget = device_budget_bytes(memory_cfg, device)
-    estimates = {"blocks": all_blocks, "block": block_bytes, "nonblock": nonblock, "generation_work": work,
-                 "text_encoder_and_vae": text_bytes, "captures": capture_bytes,
-                 "search": search_bytes(model.arch, max_tokens)}
-    resident_need = nonblock + all_blocks + work + text_bytes + _MARGIN_BYTES
+    margin = margin_bytes(budget)
+    search = search_bytes(model.arch, max_tokens)
+    estimates = {"blocks": cached, "block": max(plain), "nonblock": nonblock, "generation_work": work,
+                 "text_encoder_and_vae": text_bytes, "captures": capture_bytes, "search": search}
+    resident_need = nonblock + cached + work + text_bytes + margin
     estimates["resident_generation"] = resident_need
     if memory_cfg.offload == "off":
         return MemoryPlan(False, budget, depth, True, estimates, "memory.offload is off")
@@ -151,10 +165,10 @@ def plan_memory(memory_cfg, model, schedule, *, text_bytes: int, capture_bytes: 
     if memory_cfg.resident_blocks >= 0:
         resident = min(memory_cfg.resident_blocks, depth)
     else:
-        resident = resident_blocks_within(budget, nonblock + work, block_bytes, depth)
-    calibration_need = nonblock + 2 * block_bytes + 2 * capture_bytes + estimates["search"] + _MARGIN_BYTES
-    estimates["calibration_on_device"] = calibration_need
-    return MemoryPlan(True, budget, resident, calibration_need <= budget, estimates, reason)
+        resident = resident_blocks_within(budget, nonblock + work, max(plain), depth)
+    on_device = nonblock + 2 * max(plain) + 2 * capture_bytes + search + margin <= budget
+    estimates["calibration_work"] = 2 * max(plain) + search + (2 * capture_bytes if on_device else 0)
+    return MemoryPlan(True, budget, resident, on_device, estimates, reason)
 
 
 def module_bytes(module) -> int:
@@ -193,15 +207,19 @@ def free_cuda_cache(device: torch.device) -> None:
 class OffloadSession:
     """A ``MemoryPlan`` applied to a pipeline for the length of one run.
 
-    With offloading: the prompts are encoded up front (``text_encoder`` answers for them), the text encoder and
+    With offloading: the prompts are encoded up front (``text_encoder`` answers for them) and the text encoder and
     VAE are freed (for a pipeline the caller keeps, ``owned=False``, they are parked in host memory and put back
-    by ``restore``), every block goes to host memory, ``generating()`` streams blocks and ``block_on_device(i)``
-    holds block ``i`` on the GPU while it is calibrated. Without offloading every method is a no-op.
+    by ``restore``). Blocks stay on the GPU while the budget has room for them next to what the current phase
+    needs, and live in (pinned) host memory otherwise: ``generating()`` streams the host blocks through the
+    forward, ``calibrating()`` makes room for the calibration buffers, and ``block_on_device(i)`` holds block
+    ``i`` on the GPU while it is calibrated (and keeps it there afterwards when it fits). Without offloading every
+    method is a no-op.
     """
 
-    def __init__(self, plan: MemoryPlan, pipe, *, owned: bool, captions: Sequence[str],
+    def __init__(self, plan: MemoryPlan, pipe, *, owned: bool, captions: Sequence[str], schedule=None,
                  resident_blocks: int = -1) -> None:
         self.plan = plan
+        self.schedule = schedule
         self.resident_override = resident_blocks if resident_blocks >= 0 else None
         self.pipe = pipe
         self.owned = owned
@@ -210,6 +228,7 @@ class OffloadSession:
         self.text_encoder = pipe.text_encoder
         self.offloader: BlockOffloader | None = None
         self._parked: list = []
+        self._budget = plan.budget_bytes - margin_bytes(plan.budget_bytes)
         if not plan.offload:
             return
         self.text_encoder = EncodedPrompts(pipe.text_encoder, captions)
@@ -222,53 +241,90 @@ class OffloadSession:
                     part.to("cpu")
                     self._parked.append(part)
         self.offloader = BlockOffloader(self.model.blocks(), self.device)
-        self.offloader.offload_all()
+        for index in range(plan.resident_blocks, len(self.offloader.blocks)):
+            self.offloader.offload(index)
         free_cuda_cache(self.device)
 
-    def generating(self, resident: int | None = None):
-        """Context of a generation phase: the first ``resident`` blocks (default: the plan's) on the device, the
-        others streamed."""
+    # -------------------------------------------------------------------- accounting
+
+    def _device_block_bytes(self) -> int:
+        return sum(module_device_bytes(b, with_cache=False) for i, b in enumerate(self.offloader.blocks)
+                   if self.offloader.on_device(i))
+
+    def _fits(self, need: int) -> bool:
+        return self.plan.estimates["nonblock"] + self._device_block_bytes() + need <= self._budget
+
+    def _make_room(self, need: int) -> None:
+        """Offload blocks, the last ones first, until ``need`` bytes fit next to the blocks on the device."""
+        for index in reversed(range(len(self.offloader.blocks))):
+            if self._fits(need):
+                break
+            if self.offloader.on_device(index):
+                self.offloader.offload(index)
+        free_cuda_cache(self.device)
+
+    # -------------------------------------------------------------------- phases
+
+    def generating(self):
+        """Context of a generation: the blocks that fit stay on the device, the others are streamed; the blocks'
+        caches (fake-quantized weights) are dropped after each forward."""
         if self.offloader is None:
             return nullcontext()
-        return self._generating(self.plan.resident_blocks if resident is None else resident)
+        return self._generating()
 
     @contextmanager
-    def _generating(self, resident: int):
+    def _generating(self):
+        blocks = self.offloader.blocks
+        streamed_room = 2 * max(module_device_bytes(b, with_cache=False) for b in blocks)
+        cache_room = max(module_device_bytes(b) - module_device_bytes(b, with_cache=False) for b in blocks)
+        work = self.plan.estimates["generation_work"]
+        if self.schedule is not None:
+            work = generation_work_bytes(self.model.arch, self.schedule, fake_quant=has_fake_quant_inputs(self.model))
+        need = work + streamed_room + cache_room
+        if self.resident_override is not None:
+            resident = set(range(min(self.resident_override, len(blocks))))
+        else:
+            self._make_room(need)
+            for index in range(len(blocks)):  # room left: more blocks resident, the first ones first
+                if not self.offloader.on_device(index) and self._fits(need + module_device_bytes(
+                        blocks[index], with_cache=False)):
+                    self.offloader.load(index)
+            resident = {i for i in range(len(blocks)) if self.offloader.on_device(i)}
         try:
-            with self.offloader.streaming(resident):
+            with self.offloader.streaming(sorted(resident), drop_caches=True):
                 yield
         finally:
-            for index in range(len(self.offloader.blocks)):
-                self.offloader.release(index)
             free_cuda_cache(self.device)
+
+    def calibrating(self) -> None:
+        """Before calibration: offload the blocks the calibration buffers need the room of."""
+        if self.offloader is not None:
+            if self.resident_override is not None:
+                for index in range(len(self.offloader.blocks)):
+                    self.offloader.offload(index)
+            self._make_room(self.plan.estimates["calibration_work"])
 
     @contextmanager
     def block_on_device(self, index: int, *, changes: bool = True):
-        """Block ``index`` on the device inside the context; back to host memory after it (copied again when the
-        context ``changes`` it)."""
+        """Block ``index`` on the device inside the context. A block it ``changes`` stays on the device after it
+        when it fits next to the calibration buffers (its host copy is dropped), and is copied to the host again
+        otherwise; an unchanged block goes back to where it was."""
         if self.offloader is None:
             yield
             return
+        was_on_device = self.offloader.on_device(index)
         self.offloader.load(index)
         try:
             yield
         finally:
-            if changes:
-                self.offloader.offload(index)
+            drop_device_caches(self.offloader.blocks[index])
+            if not changes:
+                if not was_on_device:
+                    self.offloader.release(index)
+            elif self.resident_override is None and self._fits(self.plan.estimates["calibration_work"]):
+                self.offloader.keep(index)
             else:
-                self.offloader.release(index)
-
-    def resident_for_current_blocks(self) -> int:
-        """Blocks that fit during a generation with the blocks as they are now (e.g. fake-quantized ones)."""
-        if self.offloader is None:
-            return len(self.model.blocks())
-        if self.resident_override is not None:
-            return min(self.resident_override, len(self.model.blocks()))
-        blocks = self.model.blocks()
-        block_bytes = max(module_device_bytes(b) for b in blocks)
-        nonblock = self.plan.estimates["nonblock"]
-        return resident_blocks_within(self.plan.budget_bytes, nonblock + self.plan.estimates["generation_work"],
-                                      block_bytes, len(blocks))
+                self.offloader.offload(index)
 
     def restore(self) -> None:
         """Blocks back on the device, parked parts back (a caller's pipeline leaves the run as it came, quantized)."""

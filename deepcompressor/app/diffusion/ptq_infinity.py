@@ -357,7 +357,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: b
                        max_tokens=cfg.quant.max_tokens, device=device)
     logger.info(plan.describe(depth))
     session = OffloadSession(plan, pipe, owned=owned, captions=[c for _, c in prompts + eval_prompts],
-                             resident_blocks=cfg.memory.resident_blocks)
+                             schedule=settings.schedule, resident_blocks=cfg.memory.resident_blocks)
     text_encoder = session.text_encoder
     timings["load"] = time.perf_counter() - start
     if device.type == "cuda":
@@ -397,6 +397,7 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
 
     calibrated: list[int] = []
     if len(states) < depth:
+        session.calibrating()
         plan = ReplayPlan.build(captures, settings, model)
         if session.plan.activations_on_device:
             inputs = [[x.to(device) for x in c.xs] for c in captures]
@@ -445,7 +446,7 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
     logger.info("model.pt is %.3f of the bfloat16 transformer (%.3f with smooth.pt and branch.pt)",
                 sizes["model_pt_over_bf16"], sizes["all_over_bf16"])
 
-    with meter.stage("fidelity"), session.generating(session.resident_for_current_blocks()):
+    with meter.stage("fidelity"), session.generating():
         model_level = evaluate_model(model, references, settings)
     layer_rows = [entry["report"] for entry in entries.values()]
     fidelity = {
