@@ -18,6 +18,7 @@ leaves the device: they are rebuilt on the next forward there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -80,14 +81,39 @@ class _HostArena:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._free: list[tuple[torch.Tensor, int, int]] = []  # (slab, offset, bytes)
+        self._registered: list[torch.Tensor] = []
         self.allocated = 0
+
+    def _pinned_slab(self, nbytes: int) -> torch.Tensor:
+        # Page-locked in place (cudaHostRegister) rather than through torch's pinned allocator, which rounds every
+        # allocation up to a power of two: a 5 GB slab would lock 8 GB.
+        slab = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+        try:
+            status = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), nbytes, 0)
+        except (AttributeError, RuntimeError):
+            status = -1
+        if int(status) != 0:
+            return torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
+        self._registered.append(slab)
+        return slab
 
     def reserve(self, nbytes: int) -> None:
         """Allocate one slab of ``nbytes`` for later ``take``s (fewer, larger page-locked allocations)."""
         if nbytes > 0:
-            slab = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
+            slab = self._pinned_slab(nbytes) if self.pin else torch.empty(nbytes, dtype=torch.uint8, device="cpu")
             self.allocated += nbytes
             self._free.append((slab, 0, nbytes))
+
+    def close(self) -> None:
+        """Unlock the slabs locked in place (before their memory can be freed)."""
+        while self._registered:
+            slab = self._registered.pop()
+            torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+        self._free.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(RuntimeError, AttributeError, TypeError):  # at exit CUDA may already be gone
+            self.close()
 
     def take(self, nbytes: int) -> tuple[torch.Tensor, int, int]:
         fitting = [k for k, r in enumerate(self._free) if r[2] >= nbytes]
@@ -279,10 +305,7 @@ class BlockOffloader:
             self._arena.give(region)
 
     def offload_all(self) -> None:
-        indices = [i for i in range(len(self.blocks)) if i in self._on_device]
-        self._arena.reserve(sum(self._unique(i)[2] for i in indices))  # one allocation for all of them
-        for index in indices:
-            self.offload(index)
+        self.offload_many(range(len(self.blocks)))
 
     def load_all(self) -> None:
         for index in range(len(self.blocks)):
@@ -291,7 +314,22 @@ class BlockOffloader:
         # back on the device for good: the host copies go
         self._slots.clear()
         self._regions.clear()
+        self._arena.close()
         self._arena = _HostArena(self.pin)
+
+    def close(self) -> None:
+        """Unlock the host memory and forget the host copies (blocks still pointing at them keep them as plain
+        memory): the end of a run whose model is dropped."""
+        self._slots.clear()
+        self._regions.clear()
+        self._arena.close()
+
+    def offload_many(self, indices) -> None:
+        """``offload`` each of ``indices`` that is on the device, from one host allocation."""
+        indices = [i for i in indices if i in self._on_device]
+        self._arena.reserve(sum(self._unique(i)[2] for i in indices))
+        for index in indices:
+            self.offload(index)
 
     # -------------------------------------------------------------------- streaming
 

@@ -241,8 +241,7 @@ class OffloadSession:
                     part.to("cpu")
                     self._parked.append(part)
         self.offloader = BlockOffloader(self.model.blocks(), self.device)
-        for index in range(plan.resident_blocks, len(self.offloader.blocks)):
-            self.offloader.offload(index)
+        self.offloader.offload_many(range(plan.resident_blocks, len(self.offloader.blocks)))
         free_cuda_cache(self.device)
 
     # -------------------------------------------------------------------- accounting
@@ -256,11 +255,16 @@ class OffloadSession:
 
     def _make_room(self, need: int) -> None:
         """Offload blocks, the last ones first, until ``need`` bytes fit next to the blocks on the device."""
-        for index in reversed(range(len(self.offloader.blocks))):
-            if self._fits(need):
+        blocks = self.offloader.blocks
+        excess = self.plan.estimates["nonblock"] + self._device_block_bytes() + need - self._budget
+        chosen = []
+        for index in reversed(range(len(blocks))):
+            if excess <= 0:
                 break
             if self.offloader.on_device(index):
-                self.offloader.offload(index)
+                chosen.append(index)
+                excess -= module_device_bytes(blocks[index], with_cache=False)
+        self.offloader.offload_many(chosen)
         free_cuda_cache(self.device)
 
     # -------------------------------------------------------------------- phases
@@ -328,7 +332,10 @@ class OffloadSession:
 
     def restore(self) -> None:
         """Blocks back on the device, parked parts back (a caller's pipeline leaves the run as it came, quantized)."""
-        if self.offloader is None or self.owned:
+        if self.offloader is None:
+            return
+        if self.owned:
+            self.offloader.close()
             return
         self.offloader.load_all()
         for part in self._parked:
