@@ -18,7 +18,6 @@ leaves the device: they are rebuilt on the next forward there.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -81,39 +80,22 @@ class _HostArena:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._free: list[tuple[torch.Tensor, int, int]] = []  # (slab, offset, bytes)
-        self._registered: list[torch.Tensor] = []
         self.allocated = 0
 
-    def _pinned_slab(self, nbytes: int) -> torch.Tensor:
-        # Page-locked in place (cudaHostRegister) rather than through torch's pinned allocator, which rounds every
-        # allocation up to a power of two: a 5 GB slab would lock 8 GB.
-        slab = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
-        try:
-            status = torch.cuda.cudart().cudaHostRegister(slab.data_ptr(), nbytes, 0)
-        except (AttributeError, RuntimeError):
-            status = -1
-        if int(status) != 0:
-            return torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
-        self._registered.append(slab)
-        return slab
-
     def reserve(self, nbytes: int) -> None:
-        """Allocate one slab of ``nbytes`` for later ``take``s (fewer, larger page-locked allocations)."""
+        """Allocate one slab of at least ``nbytes`` for later ``take``s (fewer, larger page-locked allocations).
+
+        Torch's pinned allocator rounds every allocation up to a power of two and locks all of it, so the slab is
+        that size and the surplus is free room for later ``take``s rather than waste."""
         if nbytes > 0:
-            slab = self._pinned_slab(nbytes) if self.pin else torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+            if self.pin:
+                nbytes = 1 << (nbytes - 1).bit_length()
+            slab = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=self.pin)
             self.allocated += nbytes
             self._free.append((slab, 0, nbytes))
 
     def close(self) -> None:
-        """Unlock the slabs locked in place (before their memory can be freed)."""
-        while self._registered:
-            slab = self._registered.pop()
-            torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
         self._free.clear()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(RuntimeError, AttributeError, TypeError):  # at exit CUDA may already be gone
-            self.close()
 
     def take(self, nbytes: int) -> tuple[torch.Tensor, int, int]:
         fitting = [k for k, r in enumerate(self._free) if r[2] >= nbytes]
