@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,16 @@ def test_the_benchmark_compares_offloaded_and_resident_runs(tmp_path, capsys):
     for key in ("arch", "complete", "blocks_timed", "depth", "date"):
         assert key in report
     assert report["peak_memory"]["GiB"] > 0
+
+
+def test_expandable_segments_are_asked_for_only_when_offloading_may_happen(monkeypatch):
+    from deepcompressor.app.diffusion.memory_plan import prefer_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    prefer_expandable_segments(MemoryConfig(offload="off"))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    prefer_expandable_segments(MemoryConfig())
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    prefer_expandable_segments(MemoryConfig())
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ptq-"))
+    if any(mode != "off" for mode in args.offload):
+        from ..app.diffusion.memory_plan import prefer_expandable_segments
+        from ..config.schema import MemoryConfig
+
+        prefer_expandable_segments(MemoryConfig())
     reports = {}
     try:
         for mode in args.offload:

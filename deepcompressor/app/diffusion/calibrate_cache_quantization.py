@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         except (PromptFileError, KVOutputInUseError) as error:
             problems.append(str(error))
     exit_on_problems(PROG, problems)
+    from .memory_plan import prefer_expandable_segments
+
+    prefer_expandable_segments(cfg.memory)
     try:
         result = run_calibration(cfg, force=args.force)
     except KVOutputInUseError as error:

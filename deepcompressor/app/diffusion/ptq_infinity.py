@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return 2
     out_dir = run_dir(cfg, args.config_files)
+    from .memory_plan import prefer_expandable_segments
+
+    prefer_expandable_segments(cfg.memory)
     try:
         result = run_ptq(cfg, out_dir)
     except (CheckpointError, CaptureError) as error:
