@@ -132,3 +132,83 @@ def test_beta_zero_candidates_are_added_and_searched_like_the_others():
     assert float(result.errors.min()) <= float(without.errors.min())  # a superset of the candidates
     cfg.smooth.search_beta = True  # the full grid holds them already
     assert len(smooth_candidates(cfg.smooth)) == 25
+
+
+# ------------------------------------------------------------------------------------------------ gain-projected
+
+
+def _gps_reference(x, weights, gamma):
+    """The closed form written out in float64, channel by channel."""
+    x, weights = x.double(), [w.double() for w in weights]
+    logs = []
+    for j in range(x.shape[1]):
+        energy_x = sum(float(v) ** 2 for v in x[:, j])
+        energy_w = sum(float(v) ** 2 for w in weights for v in w[:, j])
+        logs.append(gamma / 4 * (torch.tensor(energy_x, dtype=torch.float64).log() - torch.tensor(energy_w, dtype=torch.float64).log()))
+    logs = torch.stack(logs)
+    return (logs - logs.mean()).exp()
+
+
+@pytest.mark.parametrize("gamma", (0.5, 1.0, 1.5))
+def test_gps_scale_matches_the_closed_form(gamma):
+    from deepcompressor.calib.smooth import gps_scale
+
+    x, weights = _layer(outs=(32, 24))
+    got = gps_scale(x, weights, gamma)
+    assert torch.allclose(got.double(), _gps_reference(x, weights, gamma), rtol=1e-5)
+    assert float(got.log().mean()) == pytest.approx(0.0, abs=1e-5)
+    # outlier channels (2 and 17) get the largest scales
+    assert set(got.topk(2).indices.tolist()) == {2, 17}
+
+
+def test_a_constant_per_group_does_not_change_group_aligned_quantization():
+    """Why the closed form may drop its per-group constant: W4A4 groups of 16 along the inputs on both operands."""
+    from deepcompressor.calib.search import quantize_inputs, quantized_linear_output
+    from deepcompressor.calib.smooth import gps_scale
+    from deepcompressor.quant.functional import fake_quantize
+
+    cfg = _config()
+    x, (w,) = _layer()
+    s = gps_scale(x, [w])
+    outputs = []
+    for factor in (torch.ones(48), torch.tensor([2.0] * 16 + [0.5] * 16 + [4.0] * 16)):
+        scaled = s * factor
+        xq = quantize_inputs(x / scaled, cfg.ipts)
+        wq = fake_quantize(w * scaled, cfg.wgts, check=False)
+        outputs.append(quantized_linear_output(xq, wq))
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_gps_alone_evaluates_no_candidate():
+    from deepcompressor.calib.smooth import gps_scale
+
+    cfg = _config()
+    cfg.smooth.strategy = "gps"
+    x, weights = _layer(outs=(32, 24))
+    result = search_smooth_scale(weights, x, cfg)
+    assert result.gamma == 1.0 and result.alpha is None and result.errors.numel() == 0
+    assert torch.equal(result.scale, gps_scale(x, weights))
+
+
+def test_gps_plus_grid_scores_the_gps_candidates_like_the_others():
+    from deepcompressor.calib.smooth import GPS_EXPONENTS, gps_scale
+
+    cfg = _config(num_grids=4)
+    x, weights = _layer(outs=(32,))
+    grid_only = search_smooth_scale(weights, x, cfg)
+    cfg.smooth.strategy = "gps+grid"
+    result = search_smooth_scale(weights, x, cfg)
+    assert result.gps_exponents == GPS_EXPONENTS
+    assert result.errors.shape == (len(result.candidates) + len(GPS_EXPONENTS),)
+    assert torch.allclose(result.errors[: len(result.candidates)], grid_only.errors)
+    for k, gamma in enumerate(GPS_EXPONENTS):  # each GPS candidate's error, composed by hand in float64
+        s = gps_scale(x, weights, gamma).double()
+        xs = x.double() / s
+        xq, _, _, _ = ref_fake_quant(xs, "sint4", 16, True, "float32")
+        wq, _, _, _ = ref_fake_quant(weights[0].double() * s, "sint4", 16, True, "float32")
+        brute = float((xq @ wq.T - x.double() @ weights[0].double().T).square().sum())
+        assert float(result.errors[len(result.candidates) + k]) == pytest.approx(brute, rel=1e-3)
+    assert float(result.errors.min()) <= float(grid_only.errors.min())
+    best = int(result.errors.argmin())
+    if best >= len(result.candidates):
+        assert result.gamma == GPS_EXPONENTS[best - len(result.candidates)] and result.alpha is None

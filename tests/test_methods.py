@@ -31,3 +31,20 @@ def test_beta_zero_recipe_runs_and_searches_the_extra_candidates(tmp_path):
     allowed = {(0.0, 0.0)} | {(i / grid, 1 - i / grid) for i in range(grid + 1)} | {(i / grid, 0.0) for i in range(grid)}
     chosen = {(float(e["alpha"]), float(e["beta"])) for e in scales.values()}
     assert chosen and all(any(abs(a - x) < 1e-9 and abs(b - y) < 1e-9 for x, y in allowed) for a, b in chosen)
+
+
+def test_gps_recipe_runs_without_a_smoothing_search(tmp_path):
+    recipe = str(ROOT / "configs/methods/gps.yaml")
+    values = dict(SMALL, **{"output.root": str(tmp_path / "runs"), "collect.cache_dir": str(tmp_path / "cache")})
+    assert load_config(CHAIN + [recipe]).quant.smooth.strategy == "gps"
+    flags = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(CHAIN + [recipe] + flags) == 0
+    directory = tmp_path / "runs" / "infinity-tiny.qdiff.int4.fast.gps"
+    scales = load_pt(directory / "smooth.pt")["scales"]
+    assert scales and all(e["gamma"] == 1.0 and e["alpha"] is None for e in scales.values())
+    fidelity = __import__("json").loads((directory / "fidelity.json").read_text())
+    assert all(row["smooth_gamma"] == 1.0 for row in fidelity["layers"])
+    from deepcompressor.app.diffusion.artifacts import load_artifacts
+
+    assert len(load_artifacts(directory).scales) == len(scales)

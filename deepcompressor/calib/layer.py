@@ -69,6 +69,7 @@ class LayerCalibResult:
     Attributes:
         smooth_scale: ``s [in]`` float32 (inputs divided, weight columns multiplied), or None.
         smooth_alpha, smooth_beta: Chosen exponents, or None.
+        smooth_gamma: The exponent of the gain-projected scale when one was chosen (``quant.smooth.strategy``).
         input_scale, input_zero: Static input-quantization parameters ``[1, G]``, or None (dynamic / 16-bit).
         linears: One result per weight, in order.
         timings: Seconds per stage (``smooth``, ``lowrank``, ``weights``, ``errors``, ``total``), device-synchronised.
@@ -83,6 +84,7 @@ class LayerCalibResult:
     linears: list[LinearCalibResult]
     timings: dict[str, float]
     num_tokens: int
+    smooth_gamma: float | None = None
 
 
 def quant_config_for_kind(cfg, kind: str):
@@ -174,11 +176,11 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
         biases = [None if b is None else b.to(device=device, dtype=torch.float32) for b in biases]
         y_refs = [x @ w.T for w in weights]
 
-        s = alpha = beta = None
+        s = alpha = beta = gamma = None
         if cfg.smooth.enabled and (quantize_weights or quantize_acts):
             with timer.stage("smooth"):
                 found = search_smooth_scale(weights, x, cfg, y_refs=y_refs, name=name)
-                s, alpha, beta = found.scale, found.alpha, found.beta
+                s, alpha, beta, gamma = found.scale, found.alpha, found.beta, found.gamma
         xs = x if s is None else x / s
         smoothed = weights if s is None else [w * s for w in weights]
         if quantize_acts:
@@ -235,7 +237,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
                         results[-1].error_final, results[-1].error_rtn)
     return LayerCalibResult(
         smooth_scale=s, smooth_alpha=alpha, smooth_beta=beta, input_scale=input_scale, input_zero=input_zero,
-        linears=results, timings=dict(timer.seconds), num_tokens=x.shape[0],
+        linears=results, timings=dict(timer.seconds), num_tokens=x.shape[0], smooth_gamma=gamma,
     )
 
 

@@ -11,6 +11,20 @@ enabled: one SVD per candidate, the iterative refinement runs once ``s`` is chos
 Candidates are ``(0, 0)`` (no smoothing, first so that ties keep it) and ``(i/n, 1 - i/n)``, plus ``(i/n, 0)`` with
 ``beta_zero`` (scales from the activations alone, ``s = max|X|^alpha``: the cheap candidates other SmoothQuant
 searches use, which pick them on real layers), or every pair of the grid with ``search_beta``.
+
+Gain-projected scaling (GPS, ``quant.smooth.strategy``): a closed form instead of the grid. To second order, the
+output error of the smoothed, quantized product is ``sum_j E[dx_j^2] s_j^2 ||W_:j||^2 + E[dw_j^2] ||X_j||^2 / s_j^2``,
+where ``dx_j`` is the quantization noise of the smoothed input ``X_j / s_j`` and ``dw_j`` that of the smoothed weight
+column ``W_:j s_j``. With group quantizers the noise variances are set by the group's step, common to the channels
+of a group, so each term is minimised by ``s_j^4 = c * ||X_j||^2 / ||W_:j||^2``, the constant ``c`` being the same
+for a group; scaling a whole group of ``s`` leaves group-aligned quantization of both operands unchanged, so ``c``
+does not matter:
+
+    s_j = (||X_j||^2 / sum over the linears and rows of W_ij^2) ^ (1/4)
+
+(normalised to a geometric mean of 1). ``gps`` uses it alone (no candidate is evaluated); ``gps+grid`` adds it as
+the starting point of the search: the candidates ``s_gps ^ gamma`` for ``gamma`` in ``GPS_EXPONENTS`` are scored
+with the grid's ``(alpha, beta)`` pairs and the best of all is kept.
 """
 
 from __future__ import annotations
@@ -26,15 +40,34 @@ from .lowrank import lowrank_factors
 from .search import quantize_inputs, quantized_linear_output, squared_error
 
 __all__ = [
+    "GPS_EXPONENTS",
+    "SMOOTH_STRATEGIES",
     "SmoothSearchResult",
     "fold_smooth_into_linear",
     "fold_smooth_into_norm",
+    "gps_scale",
     "search_smooth_scale",
     "smooth_candidates",
     "smooth_scale",
 ]
 
 _MIN_RANGE = 1e-5
+SMOOTH_STRATEGIES = ("grid", "gps", "gps+grid")
+GPS_EXPONENTS = (0.5, 0.75, 1.0, 1.25, 1.5)
+_GPS_LIMIT = 1e4  # bound on s and 1 / s: a dead input channel or weight column would otherwise send s to 0 or inf
+
+
+def gps_scale(x: torch.Tensor, weights: Sequence[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
+    """Gain-projected smoothing scale (module docstring) of inputs ``x [tokens, in]`` read by ``weights`` (each
+    ``[out_i, in]``), raised to ``gamma``; float32 ``[in]`` with geometric mean 1."""
+    energy_x = x.float().square().sum(dim=0)
+    energy_w = sum(w.float().square().sum(dim=0) for w in weights)
+    tiny = torch.finfo(torch.float32).tiny
+    log_ratio = energy_x.clamp_min(tiny).log() - energy_w.clamp_min(tiny).log()
+    log_s = (gamma / 4) * log_ratio
+    log_s = log_s - log_s.mean()
+    limit = torch.log(torch.tensor(_GPS_LIMIT, device=log_s.device))
+    return log_s.clamp(-limit, limit).exp()
 
 
 def smooth_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -62,16 +95,20 @@ class SmoothSearchResult:
 
     Attributes:
         scale: ``s [in]`` (float32); inputs are divided by it, weight columns multiplied.
-        alpha, beta: The chosen exponents.
+        alpha, beta: The chosen exponents (None when a GPS scale was chosen).
         candidates: Every ``(alpha, beta)`` tried.
-        errors: ``[len(candidates)]`` summed squared output error of every candidate.
+        errors: Summed squared output error of every candidate: the ``(alpha, beta)`` ones, then the GPS ones.
+        gamma: The chosen GPS exponent (None when a grid candidate was chosen).
+        gps_exponents: The GPS exponents tried.
     """
 
     scale: torch.Tensor
-    alpha: float
-    beta: float
+    alpha: float | None
+    beta: float | None
     candidates: list[tuple[float, float]]
     errors: torch.Tensor
+    gamma: float | None = None
+    gps_exponents: tuple[float, ...] = ()
 
 
 def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, *,
@@ -87,6 +124,11 @@ def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, 
     for i, w in enumerate(weights):
         if w.shape[1] != x.shape[1]:
             raise ValueError(f"{name}[{i}]: weight expects {w.shape[1]} inputs, calibration inputs have {x.shape[1]}")
+    strategy = getattr(qcfg.smooth, "strategy", "grid")
+    if strategy not in SMOOTH_STRATEGIES:
+        raise ValueError(f"quant.smooth.strategy: {strategy!r} is not one of {', '.join(SMOOTH_STRATEGIES)}")
+    if strategy == "gps":  # the closed form alone: nothing to score
+        return SmoothSearchResult(gps_scale(x, weights), None, None, [], torch.zeros(0, device=x.device), 1.0, (1.0,))
     if y_refs is None:
         y_refs = [x @ w.T for w in weights]
     x_absmax = x.abs().amax(dim=0)
@@ -95,9 +137,11 @@ def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, 
     quantize_weights = wcfg is not None and wcfg.dtype is not None
     factor_dtype = scale_dtype_from_name(lr_cfg.dtype, key="quant.low_rank.dtype") if lr_cfg.enabled else None
     candidates = smooth_candidates(qcfg.smooth)
+    exponents = GPS_EXPONENTS if strategy == "gps+grid" else ()
+    scales = [smooth_scale(x_absmax, w_absmax, a, b) for a, b in candidates]
+    scales += [gps_scale(x, weights, gamma) for gamma in exponents]
     errors = []
-    for alpha, beta in candidates:
-        s = smooth_scale(x_absmax, w_absmax, alpha, beta)
+    for s in scales:
         xs = x / s
         xq = quantize_inputs(xs, qcfg.ipts)
         err = torch.zeros((), device=x.device)
@@ -112,8 +156,11 @@ def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, 
         errors.append(err)
     errors = torch.stack(errors)
     best = int(errors.argmin())
+    if best >= len(candidates):
+        return SmoothSearchResult(scales[best], None, None, candidates, errors, exponents[best - len(candidates)],
+                                  exponents)
     alpha, beta = candidates[best]
-    return SmoothSearchResult(smooth_scale(x_absmax, w_absmax, alpha, beta), alpha, beta, candidates, errors)
+    return SmoothSearchResult(scales[best], alpha, beta, candidates, errors, None, exponents)
 
 
 def fold_smooth_into_norm(weight: torch.Tensor | None, bias: torch.Tensor | None,

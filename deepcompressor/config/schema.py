@@ -265,6 +265,9 @@ class SmoothConfig:
         search_beta: Search beta on the same grid as well (all (alpha, beta) pairs); otherwise beta = 1 - alpha.
         beta_zero: Also try (alpha, 0) for every grid alpha (s = max|X|^alpha, the weights left out): one more
             candidate per grid step, the cheap ones other SmoothQuant searches use.
+        strategy: ``grid``: the search above; ``gps``: gain-projected scaling, the closed-form scale
+            ``(||X_j||^2 / ||W_:j||^2)^(1/4)`` alone (no search); ``gps+grid``: the search with the GPS scale (and its
+            powers 0.5-1.5) among the candidates (``deepcompressor.calib.smooth``).
         fold: Fold scales into the preceding norm / linear where the graph allows.
     """
 
@@ -272,6 +275,7 @@ class SmoothConfig:
     num_grids: int = 20
     search_beta: bool = False
     beta_zero: bool = False
+    strategy: str = one_of("grid", ("grid", "gps", "gps+grid"))
     fold: bool = True
 
     def check(self) -> Issues:

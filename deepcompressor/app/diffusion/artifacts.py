@@ -6,7 +6,8 @@ A directory holds
   quantized linear: integer weight codes (4-bit packed two per byte) with their scales (and zero points), bias,
   static input ranges, or the 16-bit weight when only its inputs are quantized; ``meta`` describes the formats
   (``FakeQuantLinear.artifact_state``). ``params`` is every other parameter and buffer of the transformer.
-- ``smooth.pt``: ``{"format", "scales": {name: {"scale", "alpha", "beta", "folded_into"}}}``: smoothing scales;
+- ``smooth.pt``: ``{"format", "scales": {name: {"scale", "alpha", "beta", "gamma", "folded_into"}}}``: smoothing
+  scales (``alpha``/``beta`` of a grid candidate, or ``gamma`` of a gain-projected one);
   ``folded_into`` names the norm whose affine holds ``1 / s`` (then the layer does not divide at run time).
 - ``branch.pt``: ``{"format", "branches": {name: {"l1", "l2"}}}``: low-rank factors ``[out, r]``, ``[r, in]``.
 - ``config.yaml``: the resolved run config. ``fidelity.json`` / ``fidelity.md``: the fidelity report.

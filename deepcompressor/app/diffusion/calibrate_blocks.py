@@ -226,15 +226,21 @@ def calibrate_layer(linear: nn.Linear, x: torch.Tensor, hessian: torch.Tensor | 
     smooth = None
     if result.smooth_scale is not None:
         smooth = {"scale": result.smooth_scale, "alpha": result.smooth_alpha, "beta": result.smooth_beta,
-                  "folded_into": None}
+                  "gamma": result.smooth_gamma, "folded_into": None}
     report = {
         "name": name, "kind": kind, "error_rtn": lin.error_rtn, "error_final": error_final,
-        "smooth_alpha": result.smooth_alpha, "smooth_beta": result.smooth_beta,
+        "smooth_alpha": result.smooth_alpha, "smooth_beta": result.smooth_beta, "smooth_gamma": result.smooth_gamma,
         "lowrank_errors": list(lin.lowrank_errors), "gptq": use_gptq,
         "clip_ratio_mean": None if lin.clip_ratio is None else float(lin.clip_ratio.float().mean()),
         "num_tokens": result.num_tokens, "timings": result.timings,
     }
     return {"kind": kind, "state": state, "meta": meta, "smooth": smooth, "report": report}
+
+
+def _smoothing_note(report: dict) -> str:
+    if report.get("smooth_gamma") is not None:
+        return f", gain-projected smoothing, exponent {report['smooth_gamma']:.2f}"
+    return "" if report["smooth_alpha"] is None else f", smoothing alpha {report['smooth_alpha']:.2f}"
 
 
 def _fold_into_norm(entry: dict, norm: nn.LayerNorm, norm_name: str) -> dict[str, torch.Tensor]:
@@ -348,7 +354,7 @@ def calibrate_block(model: nn.Module, index: int, inputs: list[list[torch.Tensor
         report = entry["report"]
         logger.info("%s: relative output error %.4g -> %.4g (round-to-nearest -> calibrated%s)", name,
                     report["error_rtn"], report["error_final"],
-                    "" if report["smooth_alpha"] is None else f", smoothing alpha {report['smooth_alpha']:.2f}")
+                    _smoothing_note(report))
         if progress is not None:
             progress.update(1)
     start = time.perf_counter()
