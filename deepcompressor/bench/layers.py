@@ -16,6 +16,8 @@ along the input dimension, fp16 scales, no range search):
 - ``w4a16``: weight-only round-to-nearest (16-bit activations), the control;
 - ``svdquant_beta0`` (not in the default ``--methods``): SVDQuant whose smoothing search also tries the
   ``(alpha, 0)`` candidates (``quant.smooth.beta_zero``).
+- ``svdquant_gps`` / ``svdquant_gps_grid`` (not in the default ``--methods``): SVDQuant with the gain-projected
+  smoothing scale alone, or added to the search (``quant.smooth.strategy`` ``gps`` / ``gps+grid``).
 
 ``--json PATH`` writes ``{layer: {method: {"rel_error": float, "seconds": float}}}`` atomically.
 """
@@ -42,7 +44,8 @@ __all__ = ["DEFAULT_METHODS", "METHODS", "main", "method_config", "run_benchmark
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16", "svdquant_beta0")
+METHODS = ("rtn", "smoothquant", "svdquant", "svdquant_gptq", "w4a16", "svdquant_beta0", "svdquant_gps",
+           "svdquant_gps_grid")
 # What the command runs without --methods (the README's table).
 DEFAULT_METHODS = METHODS[:5]
 _DEFAULT_TOKENS = {"tiny": (1024, 512), "2b": (8192, 4096), "8b": (8192, 4096)}
@@ -58,9 +61,11 @@ def method_config(method: str, max_tokens: int = 8192, rank: int = 32) -> QuantC
     cfg.wgts.dtype, cfg.wgts.group_size, cfg.wgts.symmetric = "sint4", 64, True
     cfg.ipts.dtype, cfg.ipts.group_size, cfg.ipts.symmetric = "sint4", 64, True
     cfg.calib_range.enabled = False
-    cfg.smooth.enabled = method in ("smoothquant", "svdquant", "svdquant_gptq", "svdquant_beta0")
+    svdquant_variants = ("svdquant", "svdquant_gptq", "svdquant_beta0", "svdquant_gps", "svdquant_gps_grid")
+    cfg.smooth.enabled = method in ("smoothquant", *svdquant_variants)
     cfg.smooth.beta_zero = method == "svdquant_beta0"
-    cfg.low_rank.enabled = method in ("svdquant", "svdquant_gptq", "svdquant_beta0")
+    cfg.smooth.strategy = {"svdquant_gps": "gps", "svdquant_gps_grid": "gps+grid"}.get(method, "grid")
+    cfg.low_rank.enabled = method in svdquant_variants
     cfg.low_rank.rank = rank
     cfg.gptq.enabled = method == "svdquant_gptq"
     if method == "w4a16":
@@ -145,13 +150,14 @@ def run_benchmark(sizes, methods=DEFAULT_METHODS, device="cpu", tokens: int | No
 def format_table(results: dict, methods=DEFAULT_METHODS) -> str:
     """Relative errors and seconds as a fixed-width table."""
     width = max(len(name) for name in results) + 2
-    head = "layer".ljust(width) + "".join(f"{m:>15}" for m in methods)
+    cells = {m: max(15, len(m) + 2) for m in methods}
+    head = "layer".ljust(width) + "".join(f"{m:>{cells[m]}}" for m in methods)
     lines = ["relative output error ||Y_q - Y|| / ||Y|| (held-out tokens)", head]
     for name, row in results.items():
-        lines.append(name.ljust(width) + "".join(f"{row[m]['rel_error']:>15.4f}" for m in methods))
+        lines.append(name.ljust(width) + "".join(f"{row[m]['rel_error']:>{cells[m]}.4f}" for m in methods))
     lines += ["", "calibration seconds", head]
     for name, row in results.items():
-        lines.append(name.ljust(width) + "".join(f"{row[m]['seconds']:>15.3f}" for m in methods))
+        lines.append(name.ljust(width) + "".join(f"{row[m]['seconds']:>{cells[m]}.3f}" for m in methods))
     return "\n".join(lines)
 
 
