@@ -183,6 +183,11 @@ class CollectConfig:
         num_scales: How many scales of the schedule are captured per prompt (``0`` = all of them).
         seed: Sampling seed of the calibration generations.
         cache_dir: Where captured activations are stored and reused across runs.
+        selection: ``first``: the first ``num_prompts`` prompts; ``dgc`` (distribution-guided calibration): the
+            ``num_prompts`` of the first ``candidates`` prompts whose block inputs together cover the candidates'
+            activation distribution best (greedy, by the entropy of their histogram over the pool's quantile bins;
+            ``ptq_infinity`` only).
+        candidates: The DGC pool: the first ``candidates`` prompts (0: four times ``num_prompts``).
     """
 
     prompts: str = "qdiff"
@@ -190,12 +195,24 @@ class CollectConfig:
     num_scales: int = 0
     seed: int = 0
     cache_dir: str = "runs/cache"
+    selection: str = one_of("first", ("first", "dgc"))
+    candidates: int = 0
+
+    def pool_size(self) -> int:
+        """Prompts the calibration reads from the start of the set (the DGC pool, or the prompts themselves)."""
+        if self.selection != "dgc":
+            return self.num_prompts
+        return self.candidates if self.candidates > 0 else 4 * self.num_prompts
 
     def check(self) -> Issues:
         if not self.prompts:
             yield "prompts", "must not be empty"
         if self.num_prompts < 1:
             yield "num_prompts", f"must be >= 1, got {self.num_prompts}"
+        if self.candidates < 0:
+            yield "candidates", f"must be >= 0 (0: four times num_prompts), got {self.candidates}"
+        elif self.selection == "dgc" and self.candidates and self.candidates < self.num_prompts:
+            yield "candidates", f"the DGC pool ({self.candidates}) must hold at least num_prompts ({self.num_prompts})"
         if self.num_scales < 0:
             yield "num_scales", f"must be >= 0 (0 = all scales), got {self.num_scales}"
         if not self.cache_dir:
@@ -554,10 +571,12 @@ class RunConfig:
 
     def check(self) -> Issues:
         # Evaluating on calibration prompts would hide overfitting of the searched scales.
-        if self.eval.prompt_offset < self.collect.num_prompts:
+        if self.eval.prompt_offset < self.collect.pool_size():
+            what = ("collect.num_prompts" if self.collect.selection != "dgc" else
+                    "the DGC pool (collect.candidates, 0: four times collect.num_prompts)")
             yield "eval.prompt_offset", (
                 f"evaluation prompts must not overlap the calibration prompts: prompt_offset {self.eval.prompt_offset}"
-                f" < collect.num_prompts {self.collect.num_prompts}"
+                f" < {what} {self.collect.pool_size()}"
             )
 
 

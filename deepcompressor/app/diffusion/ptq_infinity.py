@@ -347,7 +347,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: b
     fp_numel = sum(t.numel() for t in model.state_dict().values())
     identity = model_identity(p, model, text_encoder)
     settings = CaptureSettings.from_config(cfg)
-    prompts = load_prompt_set(cfg.collect.prompts, 0, cfg.collect.num_prompts)
+    prompts = load_prompt_set(cfg.collect.prompts, 0, cfg.collect.pool_size())  # the DGC pool with dgc
     eval_prompts = load_prompt_set(cfg.collect.prompts, cfg.eval.prompt_offset, cfg.eval.num_prompts,
                                    key="eval.prompt_offset")
     depth = len(model.blocks())
@@ -370,6 +370,22 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: b
         session.restore()
 
 
+def _dgc_selection(captures, prompts, count: int):
+    """Distribution-guided calibration (``collect.selection: dgc``, ``deepcompressor.calib.dgc``): the ``count``
+    captures of the pool that cover its activation distribution best."""
+    from ...calib.dgc import dgc_select, subset_entropy, value_sample
+
+    samples = [value_sample(c.xs, seed=index) for index, c in enumerate(captures)]
+    chosen, entropies = dgc_select(samples, count)
+    order = sorted(chosen)  # pool order: each prompt keeps the seed of its pool position
+    ids = [prompts[i][0] for i in order]
+    logger.info("distribution-guided calibration: %d of %d candidate prompts (entropy %.4f; first %d: %.4f): %s",
+                count, len(prompts), entropies[-1], count,
+                subset_entropy(samples, range(count)), ", ".join(ids))
+    selection = {"method": "dgc", "candidates": len(prompts), "selected": ids, "entropy": entropies[-1]}
+    return [captures[i] for i in order], [prompts[i] for i in order], selection
+
+
 def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, settings, prompts, fp_numel, depth,
                max_blocks, on_block_done, start_total) -> PTQResult:
     p = cfg.pipeline
@@ -378,10 +394,15 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
     with meter.stage("collect"), session.generating():
         captures, cache_folder = load_or_capture(model, text_encoder, prompts, settings, identity,
                                                  cfg.collect.cache_dir)
+    prompt_selection = None
+    if cfg.collect.selection == "dgc":
+        captures, prompts, prompt_selection = _dgc_selection(captures, prompts, cfg.collect.num_prompts)
 
     state_dir = out_dir / "state"
     key_data = {"format": STATE_FORMAT, "model": identity, "capture": cache_folder.name,
                 "quant": config_to_dict(cfg)["quant"]}
+    if prompt_selection is not None:
+        key_data["selected_prompts"] = prompt_selection["selected"]
     run_key = sha256_json(key_data)
     _prepare_state(state_dir, key_data, cfg.output.resume)
 
@@ -463,7 +484,8 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
     layers = {name: entry["kind"] for name, entry in entries.items()}
     write_manifest(out_dir, {**identity, "name": p.name}, layers,
                    {"sizes": sizes, "calibration": {"cache": cache_folder.name, "prompts": len(prompts),
-                                                    "scales": settings.num_scales}})
+                                                    "scales": settings.num_scales,
+                                                    "selection": prompt_selection or {"method": "first"}}})
     return PTQResult(out_dir, True, calibrated, timings, sizes, fidelity, peaks=meter.peaks,
                      memory=session.plan.as_dict())
 
