@@ -48,3 +48,31 @@ def test_gps_recipe_runs_without_a_smoothing_search(tmp_path):
     from deepcompressor.app.diffusion.artifacts import load_artifacts
 
     assert len(load_artifacts(directory).scales) == len(scales)
+
+
+def test_gps_grid_recipe_runs(tmp_path):
+    recipe = str(ROOT / "configs/methods/gps_grid.yaml")
+    values = dict(SMALL, **{"output.root": str(tmp_path / "runs"), "collect.cache_dir": str(tmp_path / "cache")})
+    flags = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(CHAIN + [recipe] + flags) == 0
+    scales = load_pt(tmp_path / "runs" / "infinity-tiny.qdiff.int4.fast.gps_grid" / "smooth.pt")["scales"]
+    # every layer chose either a grid pair or a GPS power, never both
+    assert scales and all((e["gamma"] is None) != (e["alpha"] is None) for e in scales.values())
+
+
+def test_every_recipe_stacks_on_the_tiny_chain_and_the_ablation_names_them():
+    import pytest
+
+    from deepcompressor.bench.ptq_ablation import EXTENDED, method_files
+
+    for recipe in sorted((ROOT / "configs/methods").glob("*.yaml")):
+        load_config(CHAIN + [str(recipe)])
+    for method in EXTENDED:
+        files = method_files(method)
+        assert files[0].parent.name == "ablations" and all(f.is_file() for f in files)
+    assert [f.name for f in method_files("svdquant+gps")] == ["svdquant.yaml", "gps.yaml"]
+    with pytest.raises(ValueError, match="no recipe 'nope'"):
+        method_files("svdquant+nope")
+    with pytest.raises(ValueError, match="must start with one of"):
+        method_files("gps")

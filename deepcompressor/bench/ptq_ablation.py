@@ -12,6 +12,10 @@ artifact directory with its own fidelity report; the captured calibration data i
 - ``svdquant``: W4A4 with smoothing, the rank-32 low-rank branch and range search;
 - ``w16``: the SVDQuant weight pipeline with 16-bit activations (W4A16 control).
 
+``<method>+<recipe>`` stacks ``configs/methods/<recipe>.yaml`` after the ablation file: ``EXTENDED`` holds the
+VAR-specific methods alone and on top of SVDQuant (``gps``, ``gps_grid``: gain-projected smoothing; ``beta_zero``;
+``dgc``: distribution-guided prompt selection). ``--methods all`` runs the four and ``EXTENDED``.
+
 Prints a markdown table sorted by logit relative error (lower is better) with the bit agreement; ``--json PATH``
 writes the numbers. Each method starts its run folder over (``output.resume: false``) unless ``--resume``.
 """
@@ -26,10 +30,27 @@ from pathlib import Path
 
 from .cli import add_list_argument
 
-__all__ = ["METHODS", "ablation_table", "main", "run_ablation"]
+__all__ = ["EXTENDED", "METHODS", "ablation_table", "main", "method_files", "run_ablation"]
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("naive", "smoothquant", "svdquant", "w16")
+EXTENDED = ("smoothquant+gps", "smoothquant+gps_grid", "svdquant+gps", "svdquant+gps_grid", "svdquant+beta_zero",
+            "naive+dgc", "svdquant+dgc")
+
+
+def method_files(method: str) -> list[Path]:
+    """The ablation file of ``method`` and the recipes stacked on it (``base+recipe+...``)."""
+    base, *recipes = method.split("+")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r}: it must start with one of {', '.join(METHODS)}")
+    files = [REPO / "configs" / "ablations" / f"{base}.yaml"]
+    for recipe in recipes:
+        path = REPO / "configs" / "methods" / f"{recipe}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (REPO / "configs" / "methods").glob("*.yaml"))
+            raise ValueError(f"method {method!r}: no recipe {recipe!r} in configs/methods/ ({', '.join(known)})")
+        files.append(path)
+    return files
 
 
 def run_ablation(model_file: str, methods, fast: bool, overrides: dict) -> list[dict]:
@@ -42,7 +63,7 @@ def run_ablation(model_file: str, methods, fast: bool, overrides: dict) -> list[
                  str(REPO / "configs" / "svdquant" / "int4.yaml")]
         if fast:
             files.append(str(REPO / "configs" / "svdquant" / "fast.yaml"))
-        files.append(str(REPO / "configs" / "ablations" / f"{method}.yaml"))
+        files += [str(path) for path in method_files(method)]
         cfg = load_config(files, overrides)
         start = time.perf_counter()
         result = run_ptq(cfg, run_dir(cfg, files))
@@ -68,7 +89,8 @@ def ablation_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepcompressor.bench.ptq_ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "configs" / "models" / "infinity-tiny.yaml"))
-    add_list_argument(parser, "--methods", choices=METHODS, default=list(METHODS), help="methods")
+    add_list_argument(parser, "--methods", choices=(*METHODS, *EXTENDED, "all"), default=list(METHODS),
+                      help="methods ('all': the four and the VAR-specific ones)")
     parser.add_argument("--no-fast", action="store_true", help="leave out configs/svdquant/fast.yaml")
     parser.add_argument("--output-root", default="", help="output.root of the runs (default: the config's)")
     parser.add_argument("--device", default="", help="pipeline.device (default: the config's)")
@@ -79,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for handler in logging.getLogger().handlers:  # each run's ptq.log keeps the details
         handler.setLevel(logging.WARNING)
-    methods = args.methods
+    methods = [m for m in args.methods if m != "all"]
+    if "all" in args.methods:
+        methods = list(dict.fromkeys([*METHODS, *EXTENDED, *methods]))
     # Every method runs from scratch (the seconds column times what it says), unless --resume.
     overrides = {"output.resume": bool(args.resume)}
     if args.output_root:
