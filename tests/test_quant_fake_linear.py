@@ -125,3 +125,20 @@ def test_leading_dimensions_are_tokens(calibrated):
     linear, cfg, result, x = calibrated
     module = FakeQuantLinear.from_linear(linear, result, cfg)
     torch.testing.assert_close(module(x.view(2, 64, 48)), module(x).view(2, 64, 40), rtol=0, atol=0)
+
+
+def test_calibrated_input_parameters_must_fit_the_input_format():
+    from deepcompressor.config.schema import ActivationQuantConfig, WeightQuantConfig
+
+    weight = torch.randn(8, 32)
+    static = ActivationQuantConfig(dtype="sint8", group_size=16, static=True)
+    scale = torch.ones(1, 2)
+    FakeQuantLinear(32, 8, weight=weight, ipts=static, input_scale=scale)  # two groups of 16: fits
+    with pytest.raises(ValueError, match="needs 4"):
+        FakeQuantLinear(32, 8, weight=weight, ipts=ActivationQuantConfig(dtype="sint8", group_size=8, static=True),
+                        input_scale=scale)
+    with pytest.raises(ValueError, match="dynamic input quantization"):
+        FakeQuantLinear(32, 8, weight=weight, ipts=ActivationQuantConfig(dtype="sint8", group_size=16),
+                        input_scale=scale)
+    with pytest.raises(ValueError, match="16-bit inputs"):
+        FakeQuantLinear(32, 8, weight=weight, wgts=WeightQuantConfig(dtype=None), input_scale=scale)

@@ -82,6 +82,17 @@ class FakeQuantLinear(nn.Module):
                              f"the weight quantizer ({self.wgts.dtype}, group {self.wgts.group_size})")
         if self.ipts is not None and getattr(self.ipts, "static", False) and input_scale is None:
             raise ValueError(f"{name}: static input quantization needs calibrated input_scale")
+        if input_scale is not None:
+            # the input format is checked against its calibrated parameters as the weight format is against qweight
+            if self.ipts is None or not getattr(self.ipts, "static", False):
+                raise ValueError(f"{name}: a calibrated input_scale needs a static input quantizer config, got "
+                                 f"{'16-bit inputs' if self.ipts is None else 'dynamic input quantization'}")
+            g = self.ipts.group_size
+            groups = 1 if g == 0 else (in_features // g if g > 0 and in_features % g == 0 else None)
+            if groups is None or input_scale.numel() != groups or (input_zero is not None
+                                                                   and input_zero.numel() != groups):
+                raise ValueError(f"{name}: input_scale has {input_scale.numel()} values, the input quantizer "
+                                 f"(group {g} of {in_features} inputs) needs {groups}")
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("smooth_scale", smooth_scale)
