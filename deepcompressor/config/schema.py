@@ -38,6 +38,7 @@ __all__ = [
     "KVCacheConfig",
     "LowRankConfig",
     "MemoryConfig",
+    "MixedPrecisionConfig",
     "OutputConfig",
     "PipelineConfig",
     "QuantConfig",
@@ -376,6 +377,37 @@ class GPTQConfig:
 
 
 @dataclass
+class MixedPrecisionConfig:
+    """Mixed precision: the most sensitive block linears kept at a higher precision.
+
+    Before calibration, every quantized block linear is quantized alone (round-to-nearest, the chain's formats) on
+    its calibration inputs through the full-precision model, and its relative output error is its sensitivity.
+    The most sensitive layers are kept at ``precision``, as many as ``keep`` or as fit ``max_extra_bytes_ratio``.
+
+    Args:
+        enabled: Measure the sensitivities and keep layers at ``precision``.
+        keep: How many layers (the most sensitive first); 0 with a ratio: as many as the ratio allows.
+        max_extra_bytes_ratio: Bound on the extra weight bytes of the kept layers, as a fraction of the quantized
+            block linears' weight bytes at the chain's format (0: no bound).
+        precision: ``sint8``: W8A8 (weights per output channel, inputs per token, the rest of the chain unchanged);
+            ``bf16``: 16-bit, not quantized.
+    """
+
+    enabled: bool = False
+    keep: int = 0
+    max_extra_bytes_ratio: float = 0.0
+    precision: str = one_of("sint8", ("sint8", "bf16"))
+
+    def check(self) -> Issues:
+        if self.keep < 0:
+            yield "keep", f"must be >= 0, got {self.keep}"
+        if self.max_extra_bytes_ratio < 0:
+            yield "max_extra_bytes_ratio", f"must be >= 0, got {self.max_extra_bytes_ratio}"
+        if self.enabled and self.keep == 0 and self.max_extra_bytes_ratio == 0:
+            yield "keep", "mixed precision needs keep > 0 or max_extra_bytes_ratio > 0"
+
+
+@dataclass
 class QuantConfig:
     """Quantization of the transformer's linear layers.
 
@@ -390,6 +422,7 @@ class QuantConfig:
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
     calib_range: RangeCalibConfig = field(default_factory=RangeCalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     num_samples: int = 0
     max_tokens: int = 8192
 

@@ -297,11 +297,22 @@ def convert_to_w4a4(model: nn.Module, *, backend: str = "auto") -> list[str]:
     fakes = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if not fakes:
         raise ValueError("convert_to_w4a4: the model holds no FakeQuantLinear layers (apply the PTQ artifacts first)")
+    kept = [name for name, fake in fakes if _higher_precision(fake)]
+    fakes = [(name, fake) for name, fake in fakes if not _higher_precision(fake)]
     for name, fake in fakes:
         device = next(fake.buffers()).device  # (a layer that keeps 16-bit weights has no codes: from_fake says so)
         model.set_submodule(name, W4A4Linear.from_fake(fake, name=name, backend=backend).to(device))
     logger.info("converted %d layers to W4A4Linear", len(fakes))
+    if kept:
+        logger.info("kept %d 8-bit layers (quant.mixed_precision) as FakeQuantLinear: %s", len(kept),
+                    ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
     return [name for name, _ in fakes]
+
+
+def _higher_precision(fake: FakeQuantLinear) -> bool:
+    """A layer that mixed precision kept at 8 bits: the 4-bit kernels do not run it; it stays fake-quantized."""
+    formats = [q.dtype for q in (fake.wgts, fake.ipts) if q is not None]
+    return any(dtype.endswith("8") for dtype in formats)
 
 
 def synthetic_w4a4_linear(linear: nn.Linear, layer_cfg, rank: int, smooth: bool, generator: torch.Generator,

@@ -95,12 +95,13 @@ class ReplayPlan:
 
 
 def replay_block(block: nn.Module, plan: ReplayPlan, inputs: list[list[torch.Tensor]], *, tap=None,
-                 keep_outputs: bool = False) -> list[list[torch.Tensor]] | None:
+                 keep_outputs: bool = False, host_outputs: bool = False) -> list[list[torch.Tensor]] | None:
     """Run ``block`` on ``inputs[prompt][scale]`` as the sampler does; returns the outputs if ``keep_outputs``.
 
     ``tap`` (a forward pre-hook already registered on one of the block's linears) is told the current
     ``(prompt, scale)``; it may end each block call early by raising ``_StopReplay``. Inputs kept in host memory
-    (``memory.offload``) are copied to the block's device one sample at a time, and their outputs copied back.
+    (``memory.offload``) are copied to the block's device one sample at a time, and their outputs copied back;
+    ``host_outputs`` keeps the outputs in host memory whatever the inputs.
     """
     from infinity.kv_cache import LayerKVCache
 
@@ -122,7 +123,8 @@ def replay_block(block: nn.Module, plan: ReplayPlan, inputs: list[list[torch.Ten
                     except _StopReplay:
                         continue
                     if keep_outputs:
-                        outs.append(y if y.device == x.device else to_host(y))
+                        outs.append(to_host(y) if (host_outputs or y.device != x.device) and y.device.type != "cpu"
+                                    else y)
             finally:
                 cache.reset()
                 context.memo = None
@@ -173,9 +175,10 @@ class _LinearTap:
     """Forward pre-hook of the linear being calibrated: keeps the selected tokens of its input, accumulates the
     GPTQ Hessian over every token of the selected samples, and stops the replay."""
 
-    def __init__(self, selection: SampleSelection, hessian: bool) -> None:
+    def __init__(self, selection: SampleSelection, hessian: bool, stop: bool = True) -> None:
         self.selection = selection
         self.want_hessian = hessian
+        self.stop = stop
         self.current: tuple[int, int] = (0, 0)
         self.parts: list[torch.Tensor] = []
         self.hessian: torch.Tensor | None = None
@@ -189,13 +192,50 @@ class _LinearTap:
                 self.parts.append(x.index_select(0, index).float())
             if self.want_hessian:
                 self.hessian, self.hessian_tokens = accumulate_hessian(self.hessian, self.hessian_tokens, x)
-        raise _StopReplay
+        if self.stop:
+            raise _StopReplay
 
     def tokens(self) -> torch.Tensor:
         return torch.cat(self.parts)
 
 
 # ------------------------------------------------------------------------------------------------ one layer
+
+
+class _TapGroup:
+    """Taps of several linears of one block, told the current sample together (a replay that feeds them all)."""
+
+    def __init__(self, taps: dict[str, _LinearTap]) -> None:
+        self.taps = taps
+
+    @property
+    def current(self) -> tuple[int, int]:
+        return next(iter(self.taps.values())).current
+
+    @current.setter
+    def current(self, value: tuple[int, int]) -> None:
+        for tap in self.taps.values():
+            tap.current = value
+
+
+def block_layer_inputs(block: nn.Module, block_name: str, inputs, plan: ReplayPlan, selection: SampleSelection,
+                       layers: dict[str, str], *, host_outputs: bool = False):
+    """One replay of the (unchanged) block that records the selected tokens of every linear of ``layers``
+    (``{suffix: kind}``; ``ca.mat_kv`` reads the text memory) and returns ``({name: tokens}, block outputs)``."""
+    taps = {suffix: _LinearTap(selection, hessian=False, stop=False) for suffix, kind in layers.items()
+            if kind != "ca_kv"}
+    handles = [block.get_submodule(suffix).register_forward_pre_hook(tap) for suffix, tap in taps.items()]
+    try:
+        outputs = replay_block(block, plan, inputs, tap=_TapGroup(taps), keep_outputs=True, host_outputs=host_outputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {f"{block_name}.{suffix}": subsample_tokens(tap.tokens(), selection.num_tokens)
+             for suffix, tap in taps.items()}
+    for suffix, kind in layers.items():
+        if kind == "ca_kv":
+            found[f"{block_name}.{suffix}"] = _text_inputs(plan, selection, block.dtype, selection.num_tokens, False)[0]
+    return found, outputs
 
 
 def layer_needs_calibration(qcfg, kind: str) -> bool:
@@ -306,8 +346,10 @@ def _text_inputs(plan: ReplayPlan, selection: SampleSelection, dtype: torch.dtyp
 
 
 def calibrate_block(model: nn.Module, index: int, inputs: list[list[torch.Tensor]], plan: ReplayPlan,
-                    selection: SampleSelection, qcfg, run_key: str, *, progress=None) -> BlockResult:
-    """Calibrate and quantize every linear of block ``index`` in place; returns its state and its outputs."""
+                    selection: SampleSelection, qcfg, run_key: str, *, progress=None,
+                    layer_configs: dict | None = None) -> BlockResult:
+    """Calibrate and quantize every linear of block ``index`` in place; returns its state and its outputs.
+    ``layer_configs`` maps layer names to their own ``QuantConfig`` (mixed precision)."""
     block = model.blocks()[index]
     block_name = model.block_names()[index]
     device = model.device
@@ -318,11 +360,11 @@ def calibrate_block(model: nn.Module, index: int, inputs: list[list[torch.Tensor
         name = f"{block_name}.{suffix}"
         if progress is not None:
             progress.set_postfix_str(suffix)
-        if not layer_needs_calibration(qcfg, kind):
+        layer_cfg = (layer_configs or {}).get(name) or quant_config_for_kind(qcfg, kind)
+        if layer_cfg.wgts.dtype is None and layer_cfg.ipts.dtype is None:  # 16-bit: the layer stays as it is
             if progress is not None:
                 progress.update(1)
             continue
-        layer_cfg = quant_config_for_kind(qcfg, kind)
         linear = block.get_submodule(suffix)
         want_hessian = layer_cfg.gptq.enabled and layer_cfg.wgts.dtype is not None
         synchronize(device)

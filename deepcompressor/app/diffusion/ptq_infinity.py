@@ -386,6 +386,65 @@ def _dgc_selection(captures, prompts, count: int):
     return [captures[i] for i in order], [prompts[i] for i in order], selection
 
 
+def _mixed_precision(model, inputs, replay_plan, selection, qcfg, session, state_dir: Path, *, resumed: bool):
+    """``quant.mixed_precision``: the sensitivity of every quantized block linear (``calib.mixed_precision``),
+    measured through the full-precision blocks before any is calibrated, and the layers kept at the higher
+    precision; saved in the state folder (a resumed run reads it back). Returns ``({name: QuantConfig}, report)``."""
+    import json
+
+    from ...calib.layer import quant_config_for_kind
+    from ...calib.mixed_precision import choose_layers, high_precision_config, layer_sensitivity, weight_bytes
+    from .calibrate_blocks import block_layer_inputs, layer_needs_calibration
+
+    mp = qcfg.mixed_precision
+    path = state_dir / "mixed_precision.json"
+    if path.is_file():
+        report = json.loads(path.read_text(encoding="utf-8"))
+    elif resumed:
+        raise PTQError(f"{path}: missing, but blocks were already calibrated; pass --no-output-resume to start over")
+    else:
+        sensitivity, extra, base = {}, {}, 0
+        layers = {suffix: kind for suffix, kind in BLOCK_LAYERS if layer_needs_calibration(qcfg, kind)}
+        xs = inputs
+        for index, (block, block_name) in enumerate(tqdm(list(zip(model.blocks(), model.block_names())),
+                                                         desc="sensitivity", unit="block", leave=False)):
+            with session.block_on_device(index, changes=False):
+                found, xs = block_layer_inputs(block, block_name, xs, replay_plan, selection, layers,
+                                               host_outputs=session.plan.offload)
+                for suffix, kind in layers.items():
+                    name, linear = f"{block_name}.{suffix}", block.get_submodule(suffix)
+                    layer_cfg = quant_config_for_kind(qcfg, kind)
+                    sensitivity[name] = layer_sensitivity(linear.weight, found.pop(name), layer_cfg, linear.bias)
+                    shape = (linear.out_features, linear.in_features)
+                    low = weight_bytes(*shape, layer_cfg.wgts)
+                    extra[name] = weight_bytes(*shape, high_precision_config(layer_cfg, mp.precision).wgts) - low
+                    base += low
+        del xs
+        chosen = choose_layers(sensitivity, extra, base, mp.keep, mp.max_extra_bytes_ratio)
+        report = {"precision": mp.precision, "layers": chosen, "extra_bytes": sum(extra[n] for n in chosen),
+                  "base_bytes": base, "sensitivity": sensitivity}
+        write_json(path, report)
+    chosen = report["layers"]
+    logger.info("mixed precision: %d layers kept at %s (+%.1f%% weight bytes), the most sensitive first: %s",
+                len(chosen), report["precision"], 100 * report["extra_bytes"] / max(report["base_bytes"], 1),
+                ", ".join(f"{n} ({report['sensitivity'][n]:.3g})" for n in chosen[:8]) + (" ..." if len(chosen) > 8
+                                                                                           else ""))
+    configs = {name: high_precision_config(quant_config_for_kind(qcfg, layer_kind(name)), report["precision"])
+               for name in chosen}
+    return configs, report
+
+
+def _mixed_precision_record(state_dir: Path) -> dict | None:
+    """What the manifest records of mixed precision: the kept layers and their format (None without it)."""
+    import json
+
+    path = state_dir / "mixed_precision.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return {key: report[key] for key in ("precision", "layers", "extra_bytes", "base_bytes")}
+
+
 def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, settings, prompts, fp_numel, depth,
                max_blocks, on_block_done, start_total) -> PTQResult:
     p = cfg.pipeline
@@ -425,15 +484,20 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
         else:
             inputs = [[x.pin_memory() if device.type == "cuda" else x for x in c.xs] for c in captures]
         del captures
+        sizes = [x.shape[1] for x in inputs[0]]
+        selection = SampleSelection.build(len(inputs), sizes, inputs[0][0].shape[0], cfg.quant.num_samples,
+                                          cfg.quant.max_tokens, device)
+        layer_configs = None
+        if cfg.quant.mixed_precision.enabled:
+            with meter.stage("sensitivity"):
+                layer_configs, _ = _mixed_precision(model, inputs, plan, selection, cfg.quant, session, state_dir,
+                                                    resumed=bool(states))
         start = time.perf_counter()
         for index in range(len(states)):  # inputs of the first block to calibrate
             with session.block_on_device(index, changes=False):
                 inputs = replay_block(model.blocks()[index], plan, inputs, keep_outputs=True)
         synchronize(device)
         timings["resume_replay"] = time.perf_counter() - start
-        sizes = [x.shape[1] for x in inputs[0]]
-        selection = SampleSelection.build(len(inputs), sizes, inputs[0][0].shape[0], cfg.quant.num_samples,
-                                          cfg.quant.max_tokens, device)
         logger.info("calibrating blocks %d..%d on %d samples, %d search tokens per layer", len(states), depth - 1,
                     len(selection.selected), selection.num_tokens)
         total_layers = (depth - len(states)) * len(BLOCK_LAYERS)
@@ -445,7 +509,7 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
                 start = time.perf_counter()
                 with session.block_on_device(index):
                     result = calibrate_block(model, index, inputs, plan, selection, cfg.quant, run_key,
-                                             progress=layer_bar)
+                                             progress=layer_bar, layer_configs=layer_configs)
                 inputs = result.outputs
                 state = to_cpu(result.state)  # the finished blocks' states wait for the artifacts in host memory
                 save_pt(state_dir / f"block_{index:03d}.pt", state)
@@ -485,7 +549,8 @@ def _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, sett
     write_manifest(out_dir, {**identity, "name": p.name}, layers,
                    {"sizes": sizes, "calibration": {"cache": cache_folder.name, "prompts": len(prompts),
                                                     "scales": settings.num_scales,
-                                                    "selection": prompt_selection or {"method": "first"}}})
+                                                    "selection": prompt_selection or {"method": "first"},
+                                                    "mixed_precision": _mixed_precision_record(state_dir)}})
     return PTQResult(out_dir, True, calibrated, timings, sizes, fidelity, peaks=meter.peaks,
                      memory=session.plan.as_dict())
 
