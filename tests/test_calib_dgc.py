@@ -68,15 +68,14 @@ def test_entropy_and_edges():
 
 
 def test_dgc_recipe_calibrates_on_the_chosen_prompts(tmp_path):
+    from test_methods import CHAIN, SMALL
+
     from deepcompressor.app.diffusion.ptq_infinity import main
     from deepcompressor.config import load_config
 
-    chain = [str(ROOT / "configs/models/infinity-tiny.yaml"), str(ROOT / "configs/collect/qdiff.yaml"),
-             str(ROOT / "configs/svdquant/int4.yaml"), str(ROOT / "configs/svdquant/fast.yaml"),
-             str(ROOT / "configs/methods/dgc.yaml")]
-    values = {"pipeline.device": "cpu", "collect.num_prompts": 2, "collect.candidates": 4, "quant.max_tokens": 256,
-              "quant.low_rank.rank": 4, "quant.low_rank.num_iters": 1, "quant.calib_range.num_grids": 2,
-              "eval.num_prompts": 1, "output.root": str(tmp_path / "runs"), "collect.cache_dir": str(tmp_path / "c")}
+    chain = CHAIN + [str(ROOT / "configs/methods/dgc.yaml")]
+    values = {**SMALL, "collect.candidates": 4, "output.root": str(tmp_path / "runs"),
+              "collect.cache_dir": str(tmp_path / "c")}
     assert load_config(chain, values).collect.pool_size() == 4
     flags = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
     with contextlib.redirect_stdout(io.StringIO()):

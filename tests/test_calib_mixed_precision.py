@@ -66,16 +66,14 @@ def test_choice_by_count_and_by_budget():
 
 
 def test_mixed_precision_recipe_keeps_the_chosen_layers_in_8_bits(tmp_path):
+    from test_methods import CHAIN, SMALL
+
     from deepcompressor.app.diffusion.artifacts import load_artifacts
     from deepcompressor.app.diffusion.ptq_infinity import main
     from deepcompressor.utils.files import load_pt
 
-    chain = [str(ROOT / "configs/models/infinity-tiny.yaml"), str(ROOT / "configs/collect/qdiff.yaml"),
-             str(ROOT / "configs/svdquant/int4.yaml"), str(ROOT / "configs/svdquant/fast.yaml"),
-             str(ROOT / "configs/methods/mixed_precision.yaml")]
-    values = {"pipeline.device": "cpu", "collect.num_prompts": 2, "quant.max_tokens": 256, "quant.low_rank.rank": 4,
-              "quant.low_rank.num_iters": 1, "quant.calib_range.num_grids": 2, "eval.num_prompts": 1,
-              "quant.mixed_precision.keep": 3, "quant.mixed_precision.max_extra_bytes_ratio": 0,
+    chain = CHAIN + [str(ROOT / "configs/methods/mixed_precision.yaml")]
+    values = {**SMALL, "quant.mixed_precision.keep": 3, "quant.mixed_precision.max_extra_bytes_ratio": 0,
               "output.root": str(tmp_path / "runs"), "collect.cache_dir": str(tmp_path / "c")}
     flags = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
     with contextlib.redirect_stdout(io.StringIO()):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ptq_pipeline import _tensors
 from torch import nn
 
 from deepcompressor.app.diffusion import calibrate_cache_quantization as kv_app
@@ -21,28 +22,12 @@ from deepcompressor.app.diffusion.ptq_infinity import run_ptq
 from deepcompressor.config import load_config
 from deepcompressor.config.schema import MemoryConfig
 from deepcompressor.nn.offload import BlockOffloader, module_device_bytes
-from deepcompressor.utils.files import load_pt
 
 CHAIN = ["configs/models/infinity-tiny.yaml", "configs/collect/qdiff.yaml", "configs/svdquant/int4.yaml",
          "configs/svdquant/fast.yaml"]
 SMALL = {"pipeline.device": "cpu", "collect.num_prompts": 2, "quant.max_tokens": 256, "eval.num_prompts": 1,
          "output.resume": False}
 GiB = 2**30
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    flat = {}
-
-    def visit(prefix, value):
-        if isinstance(value, torch.Tensor):
-            flat[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                visit(f"{prefix}/{k}", v)
-
-    for name in ("model.pt", "smooth.pt", "branch.pt"):
-        visit(name, load_pt(directory / name))
-    return flat
 
 
 def _config(root: Path, offload: str, **extra):
