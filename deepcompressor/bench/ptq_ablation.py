@@ -14,7 +14,8 @@ artifact directory with its own fidelity report; the captured calibration data i
 
 ``<method>+<recipe>`` stacks ``configs/methods/<recipe>.yaml`` after the ablation file: ``EXTENDED`` holds the
 VAR-specific methods alone and on top of SVDQuant (``gps``, ``gps_grid``: gain-projected smoothing; ``beta_zero``;
-``dgc``: distribution-guided prompt selection; ``mixed_precision``: the most sensitive layers at 8 bits). ``--methods all`` runs the four and ``EXTENDED``.
+``dgc``: distribution-guided prompt selection; ``mixed_precision``: the most sensitive layers at 8 bits;
+``rotation``: online Hadamard rotation of the inputs). ``--methods all`` runs the four and ``EXTENDED``.
 
 Prints a markdown table sorted by logit relative error (lower is better) with the bit agreement; ``--json PATH``
 writes the numbers. Each method starts its run folder over (``output.resume: false``) unless ``--resume``.
@@ -35,7 +36,8 @@ __all__ = ["EXTENDED", "METHODS", "ablation_table", "main", "method_files", "run
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("naive", "smoothquant", "svdquant", "w16")
 EXTENDED = ("smoothquant+gps", "smoothquant+gps_grid", "svdquant+gps", "svdquant+gps_grid", "svdquant+beta_zero",
-            "naive+dgc", "svdquant+dgc", "naive+mixed_precision", "svdquant+mixed_precision")
+            "naive+dgc", "svdquant+dgc", "naive+mixed_precision", "svdquant+mixed_precision", "naive+rotation",
+            "svdquant+rotation")
 
 
 def method_files(method: str) -> list[Path]:

@@ -20,6 +20,7 @@ import torch
 
 from ..quant.formats import resolve_spec
 from ..quant.functional import fake_quantize, quantize
+from ..quant.hadamard import block_hadamard
 from ..quant.tensor import QuantTensor
 from .gptq import accumulate_hessian, gptq_quantize
 from .lowrank import calibrate_lowrank
@@ -70,6 +71,7 @@ class LayerCalibResult:
         smooth_scale: ``s [in]`` float32 (inputs divided, weight columns multiplied), or None.
         smooth_alpha, smooth_beta: Chosen exponents, or None.
         smooth_gamma: The exponent of the gain-projected scale when one was chosen (``quant.smooth.strategy``).
+        rotation: Hadamard block size when the inputs are rotated (``quant.rotation``), or None.
         input_scale, input_zero: Static input-quantization parameters ``[1, G]``, or None (dynamic / 16-bit).
         linears: One result per weight, in order.
         timings: Seconds per stage (``smooth``, ``lowrank``, ``weights``, ``errors``, ``total``), device-synchronised.
@@ -85,6 +87,7 @@ class LayerCalibResult:
     timings: dict[str, float]
     num_tokens: int
     smooth_gamma: float | None = None
+    rotation: int | None = None
 
 
 def quant_config_for_kind(cfg, kind: str):
@@ -174,6 +177,17 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
         x = subsample_tokens(x, cfg.max_tokens).to(device=device, dtype=torch.float32)
         weights = [w.to(device=device, dtype=torch.float32) for w in weights]
         biases = [None if b is None else b.to(device=device, dtype=torch.float32) for b in biases]
+        raw_x, raw_weights = x, weights  # the round-to-nearest baseline is the plain layer
+        rotation = None
+        if cfg.rotation.enabled and (quantize_weights or quantize_acts):
+            # (x R)(W R)^T = x W^T: everything below (smoothing, branch, quantization) works on the rotated pair
+            rotation = cfg.rotation.block_size
+            x = block_hadamard(x, rotation)
+            weights = [block_hadamard(w, rotation) for w in weights]
+            if hessian is not None:  # R^T H R
+                hessian = block_hadamard(block_hadamard(hessian.float(), rotation).T, rotation)
+            else:
+                x_all = block_hadamard(x_all.reshape(-1, x_all.shape[-1]).float(), rotation)
         y_refs = [x @ w.T for w in weights]
 
         s = alpha = beta = gamma = None
@@ -194,11 +208,11 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
             range_cfg = cfg.calib_range if cfg.calib_range.enabled else None
             input_scale, input_zero = calibrate_activation_range(xs, icfg, range_cfg, name=f"{name}.inputs")
         xq = quantize_inputs(xs, icfg, scale=input_scale, zero=input_zero)
-        xq_rtn = quantize_inputs(x, icfg)  # the round-to-nearest baseline quantizes the raw inputs
+        xq_rtn = quantize_inputs(raw_x, icfg)  # the round-to-nearest baseline quantizes the raw inputs
 
         results = []
         smoothed_hessian = None
-        for i, (w, ws, y_ref, bias) in enumerate(zip(weights, smoothed, y_refs, biases)):
+        for i, (w, ws, y_ref, bias) in enumerate(zip(raw_weights, smoothed, y_refs, biases)):
             lname = f"{name}[{i}]" if len(weights) > 1 else name
             l1 = l2 = None
             residual = ws
@@ -238,6 +252,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
     return LayerCalibResult(
         smooth_scale=s, smooth_alpha=alpha, smooth_beta=beta, input_scale=input_scale, input_zero=input_zero,
         linears=results, timings=dict(timer.seconds), num_tokens=x.shape[0], smooth_gamma=gamma,
+        rotation=rotation,
     )
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "QuantConfig",
     "QuantizerConfig",
     "RangeCalibConfig",
+    "RotationConfig",
     "RunConfig",
     "SmoothConfig",
     "WeightQuantConfig",
@@ -377,6 +378,27 @@ class GPTQConfig:
 
 
 @dataclass
+class RotationConfig:
+    """Online Hadamard rotation of the quantized linears' inputs (``deepcompressor.quant.hadamard``).
+
+    The input of each quantized linear is multiplied by a block-diagonal Hadamard matrix at run time and the weight
+    by the same matrix offline, before smoothing, the low-rank branch and quantization: outlier channels spread over
+    their block.
+
+    Args:
+        enabled: Rotate.
+        block_size: Hadamard block (a power of two >= 2 dividing every quantized layer's inputs).
+    """
+
+    enabled: bool = False
+    block_size: int = 64
+
+    def check(self) -> Issues:
+        if self.block_size < 2 or self.block_size & (self.block_size - 1):
+            yield "block_size", f"must be a power of two >= 2, got {self.block_size}"
+
+
+@dataclass
 class MixedPrecisionConfig:
     """Mixed precision: the most sensitive block linears kept at a higher precision.
 
@@ -423,6 +445,7 @@ class QuantConfig:
     calib_range: RangeCalibConfig = field(default_factory=RangeCalibConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     num_samples: int = 0
     max_tokens: int = 8192
 

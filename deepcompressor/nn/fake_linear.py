@@ -21,6 +21,7 @@ from torch import nn
 from ..calib.search import quantized_linear_output
 from ..config.schema import ActivationQuantConfig, WeightQuantConfig
 from ..quant.functional import fake_quantize
+from ..quant.hadamard import block_hadamard, check_block_size
 from ..quant.tensor import QuantTensor
 
 __all__ = ["FakeQuantLinear"]
@@ -56,6 +57,9 @@ class FakeQuantLinear(nn.Module):
         lowrank_l1, lowrank_l2: Branch factors ``[out, r]``, ``[r, in]`` or None.
         wgts, ipts: Quantizer configs of the weight and of the inputs (None or ``dtype None``: 16-bit).
         input_scale, input_zero: Static input-quantization parameters when ``ipts.static``.
+        rotation: Hadamard block size when the inputs are rotated (``quant.rotation``): the input is rotated first
+            and every weight above (quantized residual, branch, smoothing) belongs to the rotated layer; ``weight``
+            stays the original one.
         name: Layer name for error messages.
     """
 
@@ -64,9 +68,12 @@ class FakeQuantLinear(nn.Module):
                  smooth_scale: torch.Tensor | None = None, lowrank_l1: torch.Tensor | None = None,
                  lowrank_l2: torch.Tensor | None = None, wgts=None, ipts=None,
                  input_scale: torch.Tensor | None = None, input_zero: torch.Tensor | None = None,
-                 name: str = "linear"):
+                 rotation: int | None = None, name: str = "linear"):
         super().__init__()
         self.in_features, self.out_features, self.name = in_features, out_features, name
+        if rotation is not None:
+            check_block_size(int(rotation), in_features, f"{name}: rotation")
+        self.rotation = None if rotation is None else int(rotation)
         if weight is None and qweight is None:
             raise ValueError(f"{name}: needs the float weight or a quantized weight")
         if (lowrank_l1 is None) != (lowrank_l2 is None):
@@ -132,7 +139,7 @@ class FakeQuantLinear(nn.Module):
             wgts=cfg.wgts, ipts=cfg.ipts,
             input_scale=None if layer_result.input_scale is None else layer_result.input_scale.to(**to),
             input_zero=None if layer_result.input_zero is None else layer_result.input_zero.to(**to),
-            name=name,
+            rotation=getattr(layer_result, "rotation", None), name=name,
         )
 
     def extra_repr(self) -> str:
@@ -165,6 +172,8 @@ class FakeQuantLinear(nn.Module):
             if self.weight is None:
                 raise RuntimeError(f"{self.name}: this switch combination needs the float weight, which was not kept")
             w = self.weight.float()
+            if self.rotation:
+                w = block_hadamard(w, self.rotation)
             if self.smooth:
                 w = w * self.smooth_scale.float()
             if self.lowrank:
@@ -178,6 +187,8 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_switches()
         dtype = x.dtype
+        if self.rotation:
+            x = block_hadamard(x, self.rotation)
         xs = x / self.smooth_scale.to(dtype) if self.smooth else x
         xq = xs
         if self.quant_inputs:
@@ -197,7 +208,8 @@ class FakeQuantLinear(nn.Module):
         """
         state: dict[str, torch.Tensor] = {}
         meta: dict = {"in_features": self.in_features, "out_features": self.out_features,
-                      "wgts": _quantizer_meta(self.wgts), "ipts": _quantizer_meta(self.ipts), "qweight": None}
+                      "wgts": _quantizer_meta(self.wgts), "ipts": _quantizer_meta(self.ipts), "qweight": None,
+                      "rotation": self.rotation}
         qweight = self.qweight
         if qweight is not None:
             if pack and qweight.format.bits == 4 and self.in_features % 2 == 0:
@@ -232,4 +244,4 @@ class FakeQuantLinear(nn.Module):
         return cls(in_features, out_features, weight=weight, bias=state.get("bias"), qweight=qweight,
                    smooth_scale=state.get("smooth_scale"), lowrank_l1=state.get("lowrank_l1"),
                    lowrank_l2=state.get("lowrank_l2"), wgts=wgts, ipts=ipts, input_scale=state.get("input_scale"),
-                   input_zero=state.get("input_zero"), name=name)
+                   input_zero=state.get("input_zero"), rotation=meta.get("rotation"), name=name)

@@ -33,6 +33,7 @@ from ..kernels.w4a4_dispatch import BACKENDS, LinearOperands, linear_forward, re
 from ..kernels.w4a4_layout import GROUP, check_group_multiple, pack_weight, unpack_weight
 from ..kernels.w4a4_ops import spec_fields
 from ..quant.formats import resolve_spec
+from ..quant.hadamard import block_hadamard, check_block_size
 from ..quant.tensor import QuantTensor
 from .fake_linear import FakeQuantLinear, _quantizer_from_meta
 from .layer_map import is_block_kind, layer_kind
@@ -86,9 +87,12 @@ class W4A4Linear(nn.Module):
                  bias: torch.Tensor | None = None, smooth_scale: torch.Tensor | None = None,
                  lowrank_l1: torch.Tensor | None = None, lowrank_l2: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None, input_zero: torch.Tensor | None = None,
-                 name: str = "linear", backend: str = "auto"):
+                 rotation: int | None = None, name: str = "linear", backend: str = "auto"):
         super().__init__()
         self.in_features, self.out_features, self.name = in_features, out_features, name
+        if rotation is not None:
+            check_block_size(int(rotation), in_features, f"{name}: rotation")
+        self.rotation = None if rotation is None else int(rotation)
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = resolve_backend(backend)
@@ -173,7 +177,8 @@ class W4A4Linear(nn.Module):
             fake.in_features, fake.out_features, qweight=fake.qweight, wgts=fake.wgts, ipts=fake.ipts,
             bias=fake.bias, smooth_scale=fake.smooth_scale if fake.smooth else None,
             lowrank_l1=fake.lowrank_l1 if fake.lowrank else None, lowrank_l2=fake.lowrank_l2 if fake.lowrank else None,
-            input_scale=fake.input_scale, input_zero=fake.input_zero, name=name, backend=backend,
+            input_scale=fake.input_scale, input_zero=fake.input_zero, rotation=fake.rotation, name=name,
+            backend=backend,
         )
 
     @classmethod
@@ -205,7 +210,7 @@ class W4A4Linear(nn.Module):
         return cls(in_features, out_features, qweight=qweight, wgts=wgts, ipts=ipts, bias=state.get("bias"),
                    smooth_scale=state.get("smooth_scale"), lowrank_l1=state.get("lowrank_l1"),
                    lowrank_l2=state.get("lowrank_l2"), input_scale=state.get("input_scale"),
-                   input_zero=state.get("input_zero"), name=name, backend=backend)
+                   input_zero=state.get("input_zero"), rotation=meta.get("rotation"), name=name, backend=backend)
 
     # ----- helpers ---------------------------------------------------------------------------------------------
 
@@ -262,6 +267,8 @@ class W4A4Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: input has {x.shape[-1]} channels, expected {self.in_features}")
         dtype = x.dtype
+        if self.rotation:  # (x R)(W R)^T: the stored weights are the rotated layer's
+            x = block_hadamard(x, self.rotation)
         x2d = x.reshape(-1, self.in_features)
         ops = self.operands(dtype)
         smooth, l1t, l2t, bias = ops.smooth, ops.l1t, ops.l2t, ops.bias

@@ -258,7 +258,7 @@ def calibrate_layer(linear: nn.Linear, x: torch.Tensor, hessian: torch.Tensor | 
         bias=None if linear.bias is None else linear.bias.detach(), qweight=qweight,
         smooth_scale=result.smooth_scale, lowrank_l1=lin.lowrank_l1, lowrank_l2=lin.lowrank_l2,
         wgts=layer_cfg.wgts, ipts=layer_cfg.ipts, input_scale=result.input_scale, input_zero=result.input_zero,
-        name=name,
+        rotation=result.rotation, name=name,
     )
     state, meta = fake.artifact_state(pack=True)
     if qweight is None:
@@ -385,7 +385,8 @@ def calibrate_block(model: nn.Module, index: int, inputs: list[list[torch.Tensor
         entry = calibrate_layer(linear, x, hessian, layer_cfg, kind=kind, name=name)
         del x, hessian
         entry["report"]["hessian_tokens"] = hessian_tokens
-        if kind == "ca_q" and entry["smooth"] is not None and qcfg.smooth.fold:
+        # a rotated layer smooths rotated channels, which the norm's per-channel affine cannot hold
+        if kind == "ca_q" and entry["smooth"] is not None and qcfg.smooth.fold and not qcfg.rotation.enabled:
             block_params = _fold_into_norm(entry, block.ca_norm, f"{block_name}.ca_norm")
             _set_params(model, block_params)
             params.update(block_params)

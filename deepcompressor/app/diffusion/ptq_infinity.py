@@ -128,6 +128,10 @@ def quant_config_problems(cfg: RunConfig) -> list[str]:
                 problems.append(f"{key}: {quantizer.group_size} does not divide the {k} inputs of {where}")
         if layer.wgts.dtype is not None and q.low_rank.enabled and q.low_rank.rank > min(n, k):
             problems.append(f"quant.low_rank.rank: {q.low_rank.rank} exceeds the smaller side of {where}")
+        quantized = layer.wgts.dtype is not None or layer.ipts.dtype is not None
+        if q.rotation.enabled and quantized and k % q.rotation.block_size:
+            problems.append(f"quant.rotation.block_size: {q.rotation.block_size} does not divide the {k} inputs of "
+                            f"{where}")
     return problems
 
 
