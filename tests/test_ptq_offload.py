@@ -293,3 +293,23 @@ def test_expandable_segments_are_asked_for_only_when_offloading_may_happen(monke
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     prefer_expandable_segments(MemoryConfig())
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+@pytest.mark.parametrize("arch,budget", [("8b", 22.0), ("2b", 12.0)])
+def test_the_plan_for_the_real_sizes_offloads_within_the_budget(arch, budget):
+    """The plan ptq_infinity makes at the issue's budgets, from the shapes alone (meta tensors)."""
+    from deepcompressor.bench.ptq import build_config, plan_preview
+
+    cfg = build_config(arch, "cuda", False, [], Path("runs"), {"memory.gpu_budget_gib": budget})
+    preview = plan_preview(cfg)
+    plan = preview["plan"]
+    assert plan["offload"] and plan["activations_on_device"]
+    estimates = plan["estimates_GiB"]
+    assert estimates["resident_generation"] > budget  # why auto offloads
+    # the generations keep what fits next to their cache and activations, with two streamed blocks in flight
+    resident_bytes = plan["resident_blocks"] * estimates["block"]
+    assert estimates["nonblock"] + resident_bytes + estimates["generation_work"] <= budget - 1.0
+    if arch == "8b":
+        assert 25 <= plan["resident_blocks"] < 40
+        assert estimates["blocks"] == pytest.approx(15.3, abs=0.1)
+    assert estimates["nonblock"] + estimates["calibration_work"] <= budget - 1.0  # calibration fits beside no block

@@ -156,6 +156,32 @@ def _size_estimate(cfg) -> dict:
     return {**sizes, "ratio_to_bf16": sizes["total"] / sizes["bf16"]}
 
 
+def plan_preview(cfg) -> dict:
+    """The memory plan ``ptq_infinity`` would make for ``cfg`` on a GPU with ``memory.gpu_budget_gib``, from the
+    shapes alone (meta tensors: no weights, no GPU). The VAE is left out (tens of MB)."""
+    from infinity.checkpoints import build_meta_model
+    from infinity.pipeline import FLAN_T5_XL_CONFIG
+    from transformers import T5Config, T5EncoderModel
+
+    from ..app.diffusion.capture import CaptureSettings
+    from ..app.diffusion.memory_plan import plan_memory
+    from ..app.diffusion.ptq_infinity import _capture_bytes
+
+    if cfg.memory.gpu_budget_gib <= 0:
+        raise ValueError("--plan-only needs --gpu-budget-gib (there is no GPU to read the memory of)")
+    model = build_meta_model(cfg.pipeline.arch)
+    model.block_chunks.to(torch.bfloat16)
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**FLAN_T5_XL_CONFIG, is_encoder_decoder=False, use_cache=False)).half()
+    settings = CaptureSettings.from_config(cfg)
+    plan = plan_memory(cfg.memory, model, settings.schedule, text_bytes=sum(p.numel() * 2 for p in t5.parameters()),
+                       capture_bytes=_capture_bytes(cfg, settings, model.arch.embed_dim),
+                       max_tokens=cfg.quant.max_tokens, device=torch.device("cuda"),
+                       quantized_later=cfg.quant.wgts.dtype is not None or cfg.quant.ipts.dtype is not None)
+    return {"arch": cfg.pipeline.arch, "depth": len(model.blocks()), "plan": plan.as_dict(),
+            "describe": plan.describe(len(model.blocks()))}
+
+
 def _table(report: dict) -> str:
     s = report["seconds"]
     peaks = report.get("stage_peaks") or {}
@@ -242,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                            "keys are the first run's, every run is under 'runs'")
     parser.add_argument("--gpu-budget-gib", type=float, default=0.0,
                         help="memory.gpu_budget_gib (0: the device's memory)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print the memory plan for --gpu-budget-gib from the shapes alone (no weights, no GPU)")
     parser.add_argument("--kv", action="store_true",
                         help="also run the KV calibration through the artifacts (complete runs), same memory settings")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -251,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plan_only:
+        previews = {mode: plan_preview(build_config(args.arch, "cuda", args.fast, args.config, Path("runs"),
+                                                    {"memory.offload": mode,
+                                                     "memory.gpu_budget_gib": args.gpu_budget_gib}))
+                    for mode in args.offload}
+        lines = []
+        for mode, preview in previews.items():
+            lines.append(f"memory.offload {mode}: {preview['describe']}")
+            lines += [f"  {key}: {value:.2f} GiB" for key, value in preview["plan"]["estimates_GiB"].items()]
+        return finish("\n".join(lines), previews, args.json or None)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ptq-"))
     if any(mode != "off" for mode in args.offload):
         from ..app.diffusion.memory_plan import prefer_expandable_segments

@@ -147,11 +147,13 @@ class MemoryPlan:
 
 
 def plan_memory(memory_cfg, model, schedule, *, text_bytes: int, capture_bytes: int, max_tokens: int,
-                device: torch.device) -> MemoryPlan:
+                device: torch.device, quantized_later: bool = False) -> MemoryPlan:
     """Decide ``memory.offload`` (``auto``), the resident blocks and where the captured activations live.
 
     ``text_bytes``: the text encoder and VAE (freed when offloading); ``capture_bytes``: the captured block inputs
-    of every calibration sample (calibration holds them and the block outputs).
+    of every calibration sample (calibration holds them and the block outputs); ``quantized_later``: the run
+    generates with the fake-quantized model too (PTQ's fidelity pass), whose blocks hold their codes and a 16-bit
+    weight cache (about 1.5x the bf16 blocks) and whose layers quantize their inputs through float32 temporaries.
     """
     blocks = model.blocks()
     depth = len(blocks)
@@ -165,6 +167,9 @@ def plan_memory(memory_cfg, model, schedule, *, text_bytes: int, capture_bytes: 
     estimates = {"blocks": cached, "block": max(plain), "nonblock": nonblock, "generation_work": work,
                  "text_encoder_and_vae": text_bytes, "captures": capture_bytes, "search": search}
     resident_need = nonblock + cached + work + text_bytes + margin
+    if quantized_later:
+        fake_work = generation_work_bytes(model.arch, schedule, fake_quant=True)
+        resident_need = max(resident_need, nonblock + int(1.5 * cached) + fake_work + text_bytes + margin)
     estimates["resident_generation"] = resident_need
     if memory_cfg.offload == "off":
         return MemoryPlan(False, budget, depth, True, estimates, "memory.offload is off")

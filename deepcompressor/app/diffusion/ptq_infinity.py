@@ -358,7 +358,8 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: b
     plan = plan_memory(cfg.memory, model, settings.schedule,
                        text_bytes=module_bytes(text_encoder) + module_bytes(pipe.vae),
                        capture_bytes=_capture_bytes(cfg, settings, model.arch.embed_dim),
-                       max_tokens=cfg.quant.max_tokens, device=device)
+                       max_tokens=cfg.quant.max_tokens, device=device,
+                       quantized_later=cfg.quant.wgts.dtype is not None or cfg.quant.ipts.dtype is not None)
     logger.info(plan.describe(depth))
     session = OffloadSession(plan, pipe, owned=owned, captions=[c for _, c in prompts + eval_prompts],
                              schedule=settings.schedule, resident_blocks=cfg.memory.resident_blocks)
