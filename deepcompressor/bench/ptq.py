@@ -68,19 +68,14 @@ def _peak_memory(device: torch.device, result) -> dict:
 
 def _kv_calibration(cfg, artifact_dir: Path) -> dict:
     """``calibrate_cache_quantization`` through the run's artifacts with the same ``memory`` settings."""
-    import gc
-
     from ..app.diffusion.calibrate_cache_quantization import run_calibration
     from ..config import config_to_dict, load_config
 
     values = {**config_to_dict(cfg), "kv.artifact_dir": str(artifact_dir),
               "kv.calib_path": str(artifact_dir / "kv_quant_calib.pt")}
     kv_cfg = load_config([], values)
-    device = torch.device(cfg.pipeline.device if cfg.pipeline.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
-    gc.collect()
+    device = _fresh_device(cfg)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = run_calibration(kv_cfg, progress=False)
@@ -93,17 +88,22 @@ def _kv_calibration(cfg, artifact_dir: Path) -> dict:
     return report
 
 
-def run_benchmark(cfg, blocks: int | None, *, kv: bool = False) -> dict:
-    import gc
+def _fresh_device(cfg) -> torch.device:
+    """The run's device, with what an earlier run left in the CUDA cache freed."""
+    from infinity.checkpoints import resolve_device
 
+    from ..app.diffusion.memory_plan import free_cuda_cache
+
+    device = resolve_device(cfg.pipeline.device)
+    free_cuda_cache(device)
+    return device
+
+
+def run_benchmark(cfg, blocks: int | None, *, kv: bool = False) -> dict:
     from ..app.diffusion.ptq_infinity import run_ptq
     from ..config import run_dir
 
-    device = torch.device(cfg.pipeline.device if cfg.pipeline.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    device = _fresh_device(cfg)
     start = time.perf_counter()
     out_dir = run_dir(cfg, [])
     result = run_ptq(cfg, out_dir, max_blocks=blocks)

@@ -186,7 +186,7 @@ def calibrate_linears(weights: Sequence[torch.Tensor], x: torch.Tensor, cfg, *,
             weights = [block_hadamard(w, rotation) for w in weights]
             if hessian is not None:  # R^T H R
                 hessian = block_hadamard(block_hadamard(hessian.float(), rotation).T, rotation)
-            else:
+            elif cfg.gptq.enabled and quantize_weights:  # GPTQ's Hessian comes from every token
                 x_all = block_hadamard(x_all.reshape(-1, x_all.shape[-1]).float(), rotation)
         y_refs = [x @ w.T for w in weights]
 

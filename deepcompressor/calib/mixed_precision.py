@@ -13,14 +13,11 @@ from collections.abc import Mapping
 
 import torch
 
-from ..quant.formats import scale_dtype_from_name
+from ..quant.core import quantized_weight_bytes
 from ..quant.functional import fake_quantize
 from .search import quantize_inputs, quantized_linear_output, relative_error
 
 __all__ = ["choose_layers", "high_precision_config", "layer_sensitivity", "weight_bytes"]
-
-_BITS = {"sint4": 4, "uint4": 4, "sint8": 8, "uint8": 8}
-
 
 def high_precision_config(layer_cfg, precision: str):
     """``layer_cfg`` (a ``QuantConfig``) with the formats of ``precision``: ``sint8`` (weights per output channel,
@@ -43,13 +40,7 @@ def weight_bytes(out_features: int, in_features: int, wcfg) -> int:
     """Bytes of a weight in the format ``wcfg`` (16-bit when its dtype is None): codes plus one scale per group."""
     if wcfg is None or wcfg.dtype is None:
         return 2 * out_features * in_features
-    g = wcfg.group_size
-    groups = out_features * (1 if g in (-1, 0) else in_features // g)
-    if g == 0:
-        groups = 1
-    scale_bytes = torch.tensor([], dtype=scale_dtype_from_name(wcfg.scale_dtype)).element_size()
-    zero_bytes = 0 if wcfg.symmetric else 1
-    return out_features * in_features * _BITS[wcfg.dtype] // 8 + groups * (scale_bytes + zero_bytes)
+    return quantized_weight_bytes(out_features, in_features, wcfg)
 
 
 @torch.no_grad()

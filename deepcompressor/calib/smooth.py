@@ -57,17 +57,25 @@ GPS_EXPONENTS = (0.5, 0.75, 1.0, 1.25, 1.5)
 _GPS_LIMIT = 1e4  # bound on s and 1 / s: a dead input channel or weight column would otherwise send s to 0 or inf
 
 
-def gps_scale(x: torch.Tensor, weights: Sequence[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
-    """Gain-projected smoothing scale (module docstring) of inputs ``x [tokens, in]`` read by ``weights`` (each
-    ``[out_i, in]``), raised to ``gamma``; float32 ``[in]`` with geometric mean 1."""
+def _gps_log_ratio(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``log(||X_j||^2 / sum W_ij^2)`` per input channel."""
     energy_x = x.float().square().sum(dim=0)
     energy_w = sum(w.float().square().sum(dim=0) for w in weights)
     tiny = torch.finfo(torch.float32).tiny
-    log_ratio = energy_x.clamp_min(tiny).log() - energy_w.clamp_min(tiny).log()
+    return energy_x.clamp_min(tiny).log() - energy_w.clamp_min(tiny).log()
+
+
+def _gps_from_log_ratio(log_ratio: torch.Tensor, gamma: float) -> torch.Tensor:
     log_s = (gamma / 4) * log_ratio
     log_s = log_s - log_s.mean()
     limit = torch.log(torch.tensor(_GPS_LIMIT, device=log_s.device))
     return log_s.clamp(-limit, limit).exp()
+
+
+def gps_scale(x: torch.Tensor, weights: Sequence[torch.Tensor], gamma: float = 1.0) -> torch.Tensor:
+    """Gain-projected smoothing scale (module docstring) of inputs ``x [tokens, in]`` read by ``weights`` (each
+    ``[out_i, in]``), raised to ``gamma``; float32 ``[in]`` with geometric mean 1."""
+    return _gps_from_log_ratio(_gps_log_ratio(x, weights), gamma)
 
 
 def smooth_scale(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -139,7 +147,9 @@ def search_smooth_scale(weights: Sequence[torch.Tensor], x: torch.Tensor, qcfg, 
     candidates = smooth_candidates(qcfg.smooth)
     exponents = GPS_EXPONENTS if strategy == "gps+grid" else ()
     scales = [smooth_scale(x_absmax, w_absmax, a, b) for a, b in candidates]
-    scales += [gps_scale(x, weights, gamma) for gamma in exponents]
+    if exponents:
+        log_ratio = _gps_log_ratio(x, weights)
+        scales += [_gps_from_log_ratio(log_ratio, gamma) for gamma in exponents]
     errors = []
     for s in scales:
         xs = x / s

@@ -50,20 +50,6 @@ class _Slot:
         return self.module._parameters[self.name].data if self.is_param else self.module._buffers[self.name]
 
 
-def _host_copy(tensor: torch.Tensor, pin: bool, non_blocking: bool) -> torch.Tensor:
-    # Same strides as the original: a transposed weight copied into a contiguous one would send the matmuls down
-    # another path and change the results in their last bits.
-    tensor = tensor.detach()
-    if 0 in tensor.stride() and tensor.numel() > 1:  # an expanded view: its strides cannot be written to
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-    else:
-        host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
-    return host.copy_(tensor, non_blocking=non_blocking)
-
-
-_ALIGN = 256  # bytes: every tensor of a host region starts at an offset its dtype can be viewed at
-
-
 def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], int]:
     """Strides for the host copy (the tensor's own unless it is an expanded view) and the elements they span."""
     shape, stride = tuple(tensor.shape), tuple(tensor.stride())
@@ -71,6 +57,22 @@ def _layout(tensor: torch.Tensor) -> tuple[tuple[int, ...], int]:
         stride = torch.empty(shape, device="meta").stride()
     span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if tensor.numel() else 0
     return stride, span
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What makes two parameter entries the same tensor (shared by several modules: copied once)."""
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool, non_blocking: bool) -> torch.Tensor:
+    # Same strides as the original: a transposed weight copied into a contiguous one would send the matmuls down
+    # another path and change the results in their last bits.
+    tensor = tensor.detach()
+    host = torch.empty_strided(tensor.shape, _layout(tensor)[0], dtype=tensor.dtype, device="cpu", pin_memory=pin)
+    return host.copy_(tensor, non_blocking=non_blocking)
+
+
+_ALIGN = 256  # bytes: every tensor of a host region starts at an offset its dtype can be viewed at
 
 
 class _HostArena:
@@ -190,7 +192,7 @@ class BlockOffloader:
         entries = self._tensors(self.blocks[index])
         layout, total = {}, 0
         for *_, tensor in entries:
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            key = _identity(tensor)
             if key in layout:  # a tensor shared by several modules is copied once
                 continue
             stride, span = _layout(tensor)
@@ -215,7 +217,7 @@ class BlockOffloader:
         copies: dict[tuple, torch.Tensor] = {}
         slots = []
         for module, is_param, name, tensor in entries:
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            key = _identity(tensor)
             host = copies.get(key)
             if host is None:
                 offset, stride, span = layout[key]

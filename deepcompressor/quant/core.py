@@ -46,6 +46,21 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def quantized_weight_bytes(out_features: int, in_features: int, wcfg) -> int:
+    """Bytes of an ``[out, in]`` weight quantized with ``wcfg`` (a quantizer config with a dtype): the codes plus
+    a scale (and a zero point for asymmetric formats) per group."""
+    from .formats import resolve_spec
+
+    spec = resolve_spec(wcfg)
+    groups = num_groups(in_features, spec.group_size)
+    rows = 1 if spec.group_size == 0 else out_features
+    total = out_features * in_features * spec.fmt.bits // 8
+    total += rows * groups * torch.empty(0, dtype=spec.scale_dtype).element_size()
+    if spec.has_zero:
+        total += rows * groups
+    return total
+
+
 def num_groups(n: int, group_size: int) -> int:
     """Number of groups along an input dimension of size ``n``."""
     if group_size in (0, -1):

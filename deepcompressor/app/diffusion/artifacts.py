@@ -127,8 +127,7 @@ def estimate_model_pt_bytes(model: nn.Module, qcfg) -> dict[str, int]:
     container overhead: ``{"quantized_layers", "other", "total", "bf16"}`` (``bf16``: the whole model in bf16)."""
     from ...calib.layer import quant_config_for_kind
     from ...nn.layer_map import is_block_kind, linear_layers
-    from ...quant.core import num_groups
-    from ...quant.formats import resolve_spec
+    from ...quant.core import quantized_weight_bytes
 
     quantized, covered = 0, set()
     for name, kind in linear_layers(model).items():
@@ -145,13 +144,7 @@ def estimate_model_pt_bytes(model: nn.Module, qcfg) -> dict[str, int]:
         if layer_cfg.wgts.dtype is None:
             quantized += linear.weight.numel() * linear.weight.element_size()
             continue
-        spec = resolve_spec(layer_cfg.wgts)
-        groups = num_groups(in_f, spec.group_size)
-        rows = 1 if spec.group_size == 0 else out_f
-        quantized += out_f * in_f * spec.fmt.bits // 8
-        quantized += rows * groups * torch.empty(0, dtype=spec.scale_dtype).element_size()
-        if spec.has_zero:
-            quantized += rows * groups
+        quantized += quantized_weight_bytes(out_f, in_f, layer_cfg.wgts)
     other = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in covered)
     bf16 = 2 * sum(t.numel() for t in model.state_dict().values())
     return {"quantized_layers": quantized, "other": other, "total": quantized + other, "bf16": bf16}

@@ -320,8 +320,7 @@ class OffloadSession:
         """Before calibration: offload the blocks the calibration buffers need the room of."""
         if self.offloader is not None:
             if self.resident_override is not None:
-                for index in range(len(self.offloader.blocks)):
-                    self.offloader.offload(index)
+                self.offloader.offload_many(range(len(self.offloader.blocks)))
             self._make_room(self.plan.estimates["calibration_work"])
 
     @contextmanager

@@ -331,21 +331,33 @@ def _capture_bytes(cfg: RunConfig, settings: CaptureSettings, width: int) -> int
 
 
 def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: bool = True) -> PTQResult:
-    from .memory_plan import OffloadSession, module_bytes, plan_memory
+    from infinity.checkpoints import resolve_device
+
 
     start_total = time.perf_counter()
     timings: dict = {"blocks": {}}
-    start = time.perf_counter()
     p = cfg.pipeline
     logger.info("loading %s (arch %s, random_init=%s, device %s, dtype %s)", p.name, p.arch, p.random_init,
                 p.device, p.dtype)
-    device = torch.device(p.device if p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    meter = _StageMeter(device, timings)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = _StageMeter(resolve_device(p.device), timings)
+    with meter.stage("load"):
+        pipe, session, identity, settings, prompts, fp_numel = _load(cfg, pipeline_from_config, owned)
+    model = pipe.transformer
+    try:
+        return _calibrate(cfg, out_dir, model, session.text_encoder, session, meter, identity, settings, prompts,
+                          fp_numel, len(model.blocks()), max_blocks, on_block_done, start_total)
+    finally:
+        session.restore()
+
+
+def _load(cfg, pipeline_from_config, owned: bool):
+    """Build the pipeline, identify it, load the prompts and apply the memory plan (the ``load`` stage)."""
+    from .memory_plan import OffloadSession, module_bytes, plan_memory
+
+    p = cfg.pipeline
     pipe = pipeline_from_config(p)
     model, text_encoder = pipe.transformer, pipe.text_encoder
-    device = meter.device = model.device
+    device = model.device
     for name in (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
         layer_kind(name)  # fail early on an unexpected layout
     fp_numel = sum(t.numel() for t in model.state_dict().values())
@@ -363,16 +375,7 @@ def _run(cfg, out_dir, pipeline_from_config, max_blocks, on_block_done, owned: b
     logger.info(plan.describe(depth))
     session = OffloadSession(plan, pipe, owned=owned, captions=[c for _, c in prompts + eval_prompts],
                              schedule=settings.schedule, resident_blocks=cfg.memory.resident_blocks)
-    text_encoder = session.text_encoder
-    timings["load"] = time.perf_counter() - start
-    if device.type == "cuda":
-        meter.peaks["load"] = {"allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
-                               "reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30}
-    try:
-        return _calibrate(cfg, out_dir, model, text_encoder, session, meter, identity, settings, prompts, fp_numel,
-                          depth, max_blocks, on_block_done, start_total)
-    finally:
-        session.restore()
+    return pipe, session, identity, settings, prompts, fp_numel
 
 
 def _dgc_selection(captures, prompts, count: int):
